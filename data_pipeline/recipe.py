@@ -1,0 +1,78 @@
+"""The data recipe: what `kiln data run recipes/data/<name>.yaml` reads.
+
+Stages run in a fixed order (read -> quality filters -> dedup), each stage a datatrove PipelineStep; the
+executor block picks local multiprocess (default), Slurm or Ray. Relative paths are resolved against the
+directory the command runs in, as datatrove and Megatron do, so recipes in `recipes/data/` are written for
+the repository root.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Literal
+
+from data_pipeline.dedup import DedupConfig
+from data_pipeline.filters import FilterConfig
+from data_pipeline.readers import InputConfig
+
+
+@dataclass
+class SlurmConfig:
+    partition: str | None = None
+    time: str = "24:00:00"
+    cpus_per_task: int = 1
+    mem_per_cpu_gb: float = 2.0
+    qos: str = "normal"
+    venv_path: str | None = None  # activated in the sbatch script; default: the running interpreter's venv
+    sbatch_args: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class RayConfig:
+    address: str | None = None  # None: start a local Ray instance (loopback) unless one is already initialised
+    cpus_per_task: int = 1
+    mem_per_cpu_gb: float = 2.0
+
+
+@dataclass
+class ExecutorConfig:
+    kind: Literal["local", "slurm", "ray"] = "local"
+    tasks: int = 4  # shards of the input; the kept set depends on it (dedup keeps the first of (rank, index))
+    workers: int = -1  # processes at once; -1 = min(tasks, cpu count)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def validate(self) -> None:
+        if self.tasks < 1:
+            raise ValueError(f"tasks must be >= 1, got {self.tasks}")
+        if self.workers == 0 or self.workers < -1:
+            raise ValueError(f"workers must be -1 (auto) or >= 1, got {self.workers}")
+
+    @property
+    def effective_workers(self) -> int:
+        return min(self.tasks, os.cpu_count() or 1) if self.workers == -1 else self.workers
+
+
+@dataclass
+class DataRecipe:
+    name: str
+    output_dir: str
+    inputs: list[InputConfig]
+    filters: list[FilterConfig] = field(default_factory=list)
+    dedup: DedupConfig | None = field(default_factory=DedupConfig)
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
+    progress: bool = True  # per-task document progress bars
+
+    def validate(self) -> None:
+        if not self.inputs:
+            raise ValueError("inputs: at least one input is required")
+        names = [step_name(f) for f in self.filters]
+        dupes = {n for n in names if names.count(n) > 1}
+        if dupes:
+            raise ValueError(f"filters: each filter kind may appear once (repeated: {sorted(dupes)})")
+
+
+def step_name(cfg: object) -> str:
+    """Stable, file-system-safe name of a configured step, used for log and excluded-output folders."""
+    return str(getattr(cfg, "kind", type(cfg).__name__)).lower()

@@ -115,8 +115,9 @@ def build_report(run_dir: str | Path) -> Report:
     dropped: dict[str, dict[str, int]] = {}
     for step in steps:
         c = step.counts
-        if step.stage == INPUT_STAGE:
-            documents_read += int(c.get("documents", 0))
+        if step.stage == INPUT_STAGE and "documents" in c:
+            # a reader's input is what it yielded plus what it dropped itself (e.g. WARC pages without text)
+            documents_read += int(c["documents"]) + int(c.get("dropped", 0))
         for key, value in c.items():
             if key.startswith("rejected_"):
                 rejected[key[len("rejected_") :]] += int(value)

@@ -26,9 +26,10 @@ def _check_fraction(name: str, value: float | None, *, allow_none: bool = True) 
         raise ValueError(f"{name} must be in [0, 1], got {value}")
 
 
-def _check_min(name: str, value: float | None, minimum: float) -> None:
+def _check_min(name: str, value: float | None, minimum: float, *, nullable: bool = True) -> None:
     if value is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum} (or null to disable), got {value}")
+        hint = " (or null to disable)" if nullable else ""
+        raise ValueError(f"{name} must be >= {minimum}{hint}, got {value}")
 
 
 def _check_tokenizer_language(language: str) -> None:
@@ -52,7 +53,9 @@ class GopherQualityConfig:
     """
 
     kind: Literal["gopher_quality"] = "gopher_quality"
-    min_doc_words: int | None = 50  # words that are not only punctuation
+    # Words that are not only punctuation. Not nullable: datatrove's filter divides by the word count, so this
+    # rule (>= 1) is what keeps empty documents from crashing it.
+    min_doc_words: int = 50
     max_doc_words: int | None = 100_000
     min_avg_word_length: float | None = 3
     max_avg_word_length: float | None = 10
@@ -67,11 +70,12 @@ class GopherQualityConfig:
     language: str = "en"
 
     def validate(self) -> None:
-        for name in ("min_doc_words", "max_doc_words", "min_stop_words"):
+        _check_min("min_doc_words", self.min_doc_words, 1, nullable=False)
+        for name in ("max_doc_words", "min_stop_words"):
             _check_min(name, getattr(self, name), 0)
         for name in ("min_avg_word_length", "max_avg_word_length"):
             _check_min(name, getattr(self, name), 0)
-        if self.min_doc_words and self.max_doc_words and self.min_doc_words > self.max_doc_words:
+        if self.max_doc_words and self.min_doc_words > self.max_doc_words:
             raise ValueError(f"min_doc_words ({self.min_doc_words}) > max_doc_words ({self.max_doc_words})")
         if (
             self.min_avg_word_length
@@ -132,8 +136,8 @@ class C4QualityConfig:
     terminal punctuation, lines with fewer than ``min_words_per_line`` words, lines with a word longer than
     ``max_word_length``, lines mentioning javascript or a cookie/terms-of-use policy, strips Wikipedia-style
     citations ("[1]", "[edit]"), strips each kept line and joins them with "\\n" (so blank lines disappear). Only
-    then does it drop whole documents. Put it after filters that should see the original text (language ID) and
-    set the line rules to false/null to use it as a pure document filter.
+    then does it drop whole documents. Put it after filters that should see the original text (language ID). With
+    the line rules set to false/null it removes no line, but still strips each line and drops blank lines.
     Drop reasons: lorem_ipsum, curly_bracket, too_few_sentences. Line removals are counted as line-filter-<rule>.
     """
 

@@ -45,6 +45,8 @@ def write_recipe(path: Path, inputs: list[dict], output_dir: Path, tasks: int = 
         "filters": FILTERS,
         "executor": {"kind": "local", "tasks": tasks, "workers": 2},
         "progress": False,
+        # the embedded corpus shares one URL per package: URL dedup would keep one document per package
+        "dedup": {"exact": True, "url": False},
         **extra,
     }
     path.write_text(yaml.safe_dump(recipe))
@@ -84,10 +86,10 @@ def test_accounting_adds_up_with_bad_records(tmp_path):
     assert report.rejected == {"malformed_json": 1, "missing_text": 1, "invalid_utf8": 1, "empty_text": 1}
     assert report.kept == len(kept_ids(tmp_path / "run"))
     assert report.kept + report.total_dropped + report.total_rejected == report.input_records
-    assert report.dropped["dedup"]["exact_duplicate"] >= 1
+    assert report.dropped["dedup filter"]["exact_duplicate"] >= 1
     # every dropped document is in excluded/, with its reason
     excluded = sum(1 for _ in iter_output(tmp_path / "run" / "excluded" / "dedup"))
-    assert excluded == sum(report.dropped["dedup"].values())
+    assert excluded == sum(report.dropped["dedup filter"].values())
     rejects = [json.loads(line) for line in open(tmp_path / "run" / "rejects" / "input0" / "00000.jsonl")]
     assert sorted(r["reason"] for r in rejects) == ["empty_text", "invalid_utf8", "malformed_json", "missing_text"]
     assert (tmp_path / "run" / "report" / "stats.png").stat().st_size > 1000

@@ -1,0 +1,61 @@
+"""Tokenizers (train / load) and tokenization into the trainer's on-disk format (megatron-core indexed
+datasets with a parallel loss mask and a ``.meta.json``). See `indexed` for the format.
+
+Public API::
+
+    from data_pipeline.tokenize import (
+        Tokenizer, load_tokenizer, TokenizerTrainConfig, train_tokenizer,
+        TokenizeToIndexed, MergeIndexedShards, merge_shards, list_shards,
+        check_tokenizer_matches, open_tokenized, inspect_tokenized,
+    )
+"""
+
+from data_pipeline.tokenize.indexed import (
+    MergeIndexedShards,
+    TokenizerMismatchError,
+    TokenizeToIndexed,
+    check_tokenizer_matches,
+    dataset_prefix,
+    list_shards,
+    loss_mask_prefix,
+    merge_shards,
+    open_tokenized,
+    read_meta,
+    tokenize_documents,
+)
+from data_pipeline.tokenize.inspection import inspect_tokenized
+from data_pipeline.tokenize.tokenizer import (
+    HFTokenizer,
+    SentencePieceTokenizer,
+    TokenizeError,
+    Tokenizer,
+    TokenizerNotFoundError,
+    load_tokenizer,
+    sentencepiece_to_hf,
+)
+from data_pipeline.tokenize.train import EmptyCorpusError, TokenizerTrainConfig, train_tokenizer
+
+__all__ = [
+    "EmptyCorpusError",
+    "HFTokenizer",
+    "MergeIndexedShards",
+    "SentencePieceTokenizer",
+    "TokenizeError",
+    "TokenizeToIndexed",
+    "Tokenizer",
+    "TokenizerMismatchError",
+    "TokenizerNotFoundError",
+    "TokenizerTrainConfig",
+    "check_tokenizer_matches",
+    "dataset_prefix",
+    "inspect_tokenized",
+    "list_shards",
+    "load_tokenizer",
+    "loss_mask_prefix",
+    "merge_shards",
+    "open_tokenized",
+    "read_meta",
+    "sentencepiece_to_hf",
+    "tokenize_documents",
+    "train_tokenizer",
+]

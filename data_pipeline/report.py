@@ -61,7 +61,7 @@ def write_png(report: Report, path: Path) -> Path:
         values.append(n)
         colors.append("#c62828")
     for step, reasons in report.dropped.items():
-        for reason, n in reasons.items():
+        for reason, n in sorted(reasons.items(), key=lambda kv: -kv[1]):
             labels.append(f"{step}: {reason}")
             values.append(n)
             colors.append("#ef6c00")
@@ -70,7 +70,8 @@ def write_png(report: Report, path: Path) -> Path:
     ax.barh(list(y), values, color=colors)
     ax.set_yticks(list(y), labels, fontsize=8)
     ax.set_xlabel("documents")
-    ax.set_title(f"{Path(report.run_dir).name}: {report.input_records:,} input records", fontsize=10)
+    run = Path(report.run_dir)
+    ax.set_title(f"{run.parent.name}/{run.name}: {report.input_records:,} input records", fontsize=10)
     for yi, v in zip(y, values):
         ax.text(v, yi, f" {v:,}", va="center", fontsize=7)
     fig.tight_layout()

@@ -19,11 +19,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from kiln.demo_corpus import build_corpus
 
     out = Path(args.output)
-    corpus = out / "corpus" / "corpus.jsonl"
-    if args.rebuild_corpus or not corpus.exists():
+    corpus = out / "corpus"
+    if args.rebuild_corpus or not any(corpus.glob("part-*.jsonl")):
         n = build_corpus(corpus, max_docs=args.max_docs)
         print(f"kiln demo: built the embedded corpus: {n:,} documents from installed packages -> {corpus}")
-    overrides = [f"inputs.0.path={corpus.parent}", f"output_dir={out / 'data'}", *args.overrides]
+    overrides = [f"inputs.0.path={corpus}", f"output_dir={out / 'data'}", *args.overrides]
     recipe = load_recipe(str(RECIPES / "data" / "demo.yaml"), overrides)
     run_recipe(recipe)
     return show_stats(Path(recipe.output_dir))

@@ -79,16 +79,23 @@ def iter_documents(max_modules_per_package: int = 60) -> Iterator[dict]:
                 yield {"id": f"{name}/{rel}", "text": doc, "url": url, "package": name, "kind": "docstring"}
 
 
-def build_corpus(out_file: Path, max_docs: int = 20000, max_modules_per_package: int = 60) -> int:
-    """Write the corpus as JSONL; returns the number of documents."""
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_file.with_suffix(".tmp")
+def build_corpus(out_dir: Path, max_docs: int = 20000, shards: int = 4, max_modules_per_package: int = 60) -> int:
+    """Write the corpus as `shards` JSONL files (so the pipeline's tasks share the work); returns the count."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for old in out_dir.glob("part-*.jsonl"):
+        old.unlink()
+    tmp_files = [out_dir / f".part-{i:04d}.tmp" for i in range(shards)]
+    handles = [open(p, "wb") for p in tmp_files]  # noqa: SIM115 - closed below
     n = 0
-    with open(tmp, "wb") as f:
+    try:
         for doc in iter_documents(max_modules_per_package):
             if n >= max_docs:
                 break
-            f.write(orjson.dumps(doc) + b"\n")
+            handles[n % shards].write(orjson.dumps(doc) + b"\n")
             n += 1
-    tmp.replace(out_file)  # atomic: a half-written corpus is never mistaken for a finished one
+    finally:
+        for h in handles:
+            h.close()
+    for i, tmp in enumerate(tmp_files):  # renamed only once complete: a half-built corpus is never picked up
+        tmp.replace(out_dir / f"part-{i:04d}.jsonl")
     return n

@@ -148,7 +148,9 @@ def test_resume_after_sigkill_gives_same_output(tmp_path):
     assert kept_ids(tmp_path / "kill") == kept_ids(tmp_path / "ref")
     for shard in sorted((tmp_path / "ref" / "output").glob("*.jsonl.gz")):
         again = tmp_path / "kill" / "output" / shard.name
-        assert [orjson.loads(x)["text"] for x in gzip.open(shard)] == [orjson.loads(x)["text"] for x in gzip.open(again)]
+        assert [orjson.loads(x)["text"] for x in gzip.open(shard)] == [
+            orjson.loads(x)["text"] for x in gzip.open(again)
+        ]
     assert build_report(tmp_path / "kill").to_dict() | {"run_dir": ""} == build_report(tmp_path / "ref").to_dict() | {
         "run_dir": ""
     }

@@ -34,7 +34,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     executors = run_recipe(recipe)
     if recipe.executor.kind == "slurm":
         for ex in executors:
-            print(f"submitted {ex.job_name}: job {ex.job_id}, script {Path(ex.logging_dir.path) / 'launch_script.slurm'}")
+            print(
+                f"submitted {ex.job_name}: job {ex.job_id}, script {Path(ex.logging_dir.path) / 'launch_script.slurm'}"
+            )
         print(f"when the jobs finish: kiln data stats {recipe.output_dir}")
         return 0
     return show_stats(Path(recipe.output_dir))

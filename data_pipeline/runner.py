@@ -60,8 +60,7 @@ class RankShardReader(JsonlReader):
             yield from data
         filename = f"{rank:05d}.jsonl.gz"
         if self.data_folder.exists(filename):
-            for doc in self.read_file(filename):
-                yield doc
+            yield from self.read_file(filename)
 
 
 class RunLayout:
@@ -97,7 +96,11 @@ def build_stages(recipe: DataRecipe) -> list[Stage]:
         stages.append(Stage(f"dedup_{i}", pipeline, n))
     final = [
         RankShardReader(filtered_dir),
-        DedupFilter(recipe.dedup, dedup_dir, exclusion_writer=JsonlWriter(str(layout.excluded / "dedup"), output_filename=SHARD_NAME)),
+        DedupFilter(
+            recipe.dedup,
+            dedup_dir,
+            exclusion_writer=JsonlWriter(str(layout.excluded / "dedup"), output_filename=SHARD_NAME),
+        ),
         JsonlWriter(str(layout.output), output_filename=SHARD_NAME),
     ]
     stages.append(Stage("dedup_filter", final, tasks))

@@ -6,10 +6,10 @@ they need ``TRITON_INTERPRET=1``), "torch"/"sdpa" the plain-PyTorch path, "flash
 requested path is unavailable the call falls back safely and logs one line on the "kiln.kernels" logger.
 """
 
-from .attention import attention
-from .cross_entropy import cross_entropy
-from .rms_norm import rms_norm
-from .rope import apply_rope
-from .swiglu import swiglu
+from ._attention import attention
+from ._cross_entropy import cross_entropy
+from ._rms_norm import rms_norm
+from ._rope import apply_rope
+from ._swiglu import swiglu
 
 __all__ = ["attention", "rms_norm", "apply_rope", "swiglu", "cross_entropy"]

@@ -6,6 +6,7 @@ import functools
 import importlib.util
 import logging
 import os
+import weakref
 
 import torch
 
@@ -64,3 +65,23 @@ def resolve(op: str, backend: str, t: torch.Tensor) -> str:
         return "triton"
     log_once(op, "torch", f"triton requested but unavailable on {t.device.type} (set TRITON_INTERPRET=1 on CPU)")
     return "torch"
+
+
+# Per-batch metadata derived from segment ids (document extents, cu_seqlens) is the same for every layer of a
+# step; computing it needs a device->host sync (torch.unique / nonzero), so it is memoised on the segment-ids
+# tensor object (and its in-place version counter). A few entries: one batch in flight, plus eval/decoding.
+_META_CACHE: dict[tuple[int, str], tuple[weakref.ref, int, object]] = {}
+_META_CACHE_SIZE = 8
+
+
+def cached_on(t: torch.Tensor, key: str, fn):
+    """``fn()``, memoised while ``t`` (the same tensor object, unmodified) is alive."""
+    ck = (id(t), key)
+    hit = _META_CACHE.get(ck)
+    if hit is not None and hit[0]() is t and hit[1] == t._version:
+        return hit[2]
+    value = fn()
+    if len(_META_CACHE) >= _META_CACHE_SIZE:
+        _META_CACHE.pop(next(iter(_META_CACHE)))
+    _META_CACHE[ck] = (weakref.ref(t), t._version, value)
+    return value

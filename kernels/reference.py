@@ -62,15 +62,18 @@ def segment_ids_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> torch.T
     return torch.searchsorted(cu_seqlens[1:].contiguous(), pos, right=True).to(torch.int32)
 
 
-def normalise_segments(q: torch.Tensor, cu_seqlens, segment_ids):
+def normalise_segments(q: torch.Tensor, k: torch.Tensor, cu_seqlens, segment_ids):
     """Return (segment_ids [batch, seq] or None, flatten) for the given document boundaries.
 
     cu_seqlens index the flattened batch*seq tokens, so with cu_seqlens the batch is flattened into one row
-    (``flatten=True``) and documents never cross row boundaries only if cu_seqlens says so.
+    (``flatten=True``); a document may then span a row boundary, exactly as flash-attn varlen reads it.
+    Document boundaries need q and k of the same length (no KV cache).
     """
     if cu_seqlens is not None and segment_ids is not None:
         raise ValueError("give cu_seqlens or segment_ids, not both")
     b, s = q.shape[0], q.shape[1]
+    if (cu_seqlens is not None or segment_ids is not None) and k.shape[1] != s:
+        raise ValueError(f"document boundaries need q and k of the same length, got {s} and {k.shape[1]}")
     if cu_seqlens is not None:
         total = b * s
         if int(cu_seqlens[-1]) != total:
@@ -83,53 +86,59 @@ def normalise_segments(q: torch.Tensor, cu_seqlens, segment_ids):
     return None, False
 
 
-def attention_mask(segment_ids: torch.Tensor | None, seq: int, causal: bool, device) -> torch.Tensor | None:
-    """Boolean [batch or 1, 1, seq, seq] mask (True = attend) from segment ids and causality."""
+def attention_mask(segment_ids: torch.Tensor | None, sq: int, sk: int, causal: bool, device) -> torch.Tensor | None:
+    """Boolean [batch or 1, 1, sq, sk] mask (True = attend) from segment ids and causality.
+
+    Causal is bottom-right aligned when sq != sk (query i sees keys j <= i + sk - sq), as flash-attn and a KV
+    cache need.
+    """
     mask = None
     if causal:
-        mask = torch.ones(seq, seq, dtype=torch.bool, device=device).tril()[None, None]
+        mask = torch.ones(sq, sk, dtype=torch.bool, device=device).tril(diagonal=sk - sq)[None, None]
     if segment_ids is not None:
         same = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
         mask = same if mask is None else mask & same
     return mask
 
 
+def _flatten(q, k, v, flatten):
+    if not flatten:
+        return q, k, v
+    return tuple(t.reshape(1, t.shape[0] * t.shape[1], t.shape[2], t.shape[3]) for t in (q, k, v))
+
+
 def attention_sdpa(q, k, v, *, causal=True, cu_seqlens=None, segment_ids=None, softmax_scale=None):
-    """SDPA path: q [b, s, h, d], k/v [b, s, hkv, d] -> [b, s, h, d], with a boolean document/causal mask."""
-    b, s, h, d = q.shape
-    hkv = k.shape[2]
+    """SDPA path: q [b, sq, h, d], k/v [b, sk, hkv, d] -> [b, sq, h, d], with a boolean document/causal mask."""
+    b, sq, h, d = q.shape
+    sk, hkv = k.shape[1], k.shape[2]
     if h % hkv:
         raise ValueError(f"n_heads={h} must be a multiple of n_kv_heads={hkv}")
-    seg, flatten = normalise_segments(q, cu_seqlens, segment_ids)
-    if flatten:
-        q, k, v = (t.reshape(1, b * s, t.shape[2], d) for t in (q, k, v))
-    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    seg, flatten = normalise_segments(q, k, cu_seqlens, segment_ids)
+    qt, kt, vt = (t.transpose(1, 2) for t in _flatten(q, k, v, flatten))
     if hkv != h:
         kt = kt.repeat_interleave(h // hkv, dim=1)
         vt = vt.repeat_interleave(h // hkv, dim=1)
-    seq = qt.shape[2]
-    if seg is None:
+    if seg is None and (not causal or sq == sk):
         out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, scale=softmax_scale)
     else:
-        mask = attention_mask(seg, seq, causal, q.device)
+        mask = attention_mask(seg, qt.shape[2], kt.shape[2], causal, q.device)
         out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=softmax_scale)
-    return out.transpose(1, 2).reshape(b, s, h, d)
+    return out.transpose(1, 2).reshape(b, sq, h, d)
 
 
 def attention_ref(q, k, v, *, causal=True, cu_seqlens=None, segment_ids=None, softmax_scale=None):
     """Explicit softmax(QK^T * scale + mask) V in fp32: the test reference."""
-    b, s, h, d = q.shape
+    b, sq, h, d = q.shape
     hkv = k.shape[2]
-    seg, flatten = normalise_segments(q, cu_seqlens, segment_ids)
-    if flatten:
-        q, k, v = (t.reshape(1, b * s, t.shape[2], d) for t in (q, k, v))
+    seg, flatten = normalise_segments(q, k, cu_seqlens, segment_ids)
     scale = softmax_scale if softmax_scale is not None else d**-0.5
-    qt, kt, vt = (t.transpose(1, 2).float() for t in (q, k, v))
+    qt, kt, vt = (t.transpose(1, 2).float() for t in _flatten(q, k, v, flatten))
     kt = kt.repeat_interleave(h // hkv, dim=1)
     vt = vt.repeat_interleave(h // hkv, dim=1)
     scores = qt @ kt.transpose(-1, -2) * scale
-    mask = attention_mask(seg, qt.shape[2], causal, q.device)
+    mask = attention_mask(seg, qt.shape[2], kt.shape[2], causal, q.device)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    out = scores.softmax(-1) @ vt
-    return out.transpose(1, 2).reshape(b, s, h, d).to(q.dtype)
+    # a query with no visible key (only when sq > sk under causal) outputs 0, as flash-attn does
+    out = torch.nan_to_num(scores.softmax(-1), nan=0.0) @ vt
+    return out.transpose(1, 2).reshape(b, sq, h, d).to(q.dtype)

@@ -73,9 +73,14 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         dx = torch.empty_like(x)
         for s in range(0, n, CHUNK_ROWS):
             e = min(s + CHUNK_ROWS, n)
-            p = torch.exp(x[s:e].float() - lse[s:e, None])
-            p[torch.arange(e - s, device=x.device), safe_y[s:e]] -= 1.0
-            dx[s:e] = (p * g[s:e, None]).to(x.dtype)
+            # softmax - onehot, scaled: one fp32 chunk, updated in place (written straight into dx when fp32)
+            p = dx[s:e] if x.dtype == torch.float32 else torch.empty(e - s, x.shape[1], device=x.device)
+            torch.sub(x[s:e], lse[s:e, None], out=p)
+            p.exp_()
+            p.scatter_add_(1, safe_y[s:e, None], p.new_full((e - s, 1), -1.0))
+            p.mul_(g[s:e, None])
+            if p.data_ptr() != dx[s:e].data_ptr():
+                dx[s:e].copy_(p)
         return dx, None, None, None, None
 
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 INPUT_STAGE = "read_filter"
+# Stages whose last step writes output/ (the kept documents); tokenize stages come after and count nothing new.
+CURATION_STAGES = ("read_filter", "dedup_filter")
 
 
 @dataclass
@@ -87,10 +89,10 @@ def load_stage_stats(stage_dir: Path) -> tuple[list[StepCounts], int]:
 
 def _stage_order(logs: Path) -> list[Path]:
     def key(p: Path):
-        order = {"read_filter": (0, 0), "dedup_filter": (2, 0)}
+        order = {"read_filter": (0, 0), "dedup_filter": (2, 0), "tokenize": (3, 0), "tokenize_merge": (3, 1)}
         if p.name.startswith("dedup_") and p.name[6:].isdigit():
             return (1, int(p.name[6:]))
-        return order.get(p.name, (3, 0))
+        return order.get(p.name, (4, 0))
 
     return sorted((p for p in logs.iterdir() if p.is_dir() and p.name != "slurm"), key=key)
 
@@ -114,6 +116,8 @@ def build_report(run_dir: str | Path) -> Report:
     rejected: dict[str, int] = defaultdict(int)
     dropped: dict[str, dict[str, int]] = {}
     for step in steps:
+        if step.stage not in CURATION_STAGES and not step.stage.startswith("dedup_"):
+            continue  # e.g. tokenize: reads the kept output again, drops nothing
         c = step.counts
         if step.stage == INPUT_STAGE and "documents" in c:
             # a reader's input is what it yielded plus what it dropped itself (e.g. WARC pages without text)
@@ -128,7 +132,8 @@ def build_report(run_dir: str | Path) -> Report:
         if reasons:
             label = step.name if step.name not in dropped else f"{step.name} [{step.stage}]"
             dropped[label] = reasons
-    output_steps = [s for s in steps if s.stage == steps[-1].stage] if steps else []
+    curation = [s.stage for s in steps if s.stage in CURATION_STAGES]
+    output_steps = [s for s in steps if curation and s.stage == curation[-1]]
     kept = int(output_steps[-1].counts.get("total", 0)) if output_steps else 0
     return Report(
         run_dir=str(run_dir),

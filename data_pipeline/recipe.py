@@ -1,7 +1,7 @@
 """The data recipe: what `kiln data run recipes/data/<name>.yaml` reads.
 
-Stages run in a fixed order (read -> quality filters -> dedup), each stage a datatrove PipelineStep; the
-executor block picks local multiprocess (default), Slurm or Ray. Relative paths are resolved against the
+Stages run in a fixed order (read -> quality filters -> dedup -> metadata -> refine -> write, then optionally
+tokenize), each stage a datatrove PipelineStep; the executor block picks local multiprocess (default), Slurm or Ray. Relative paths are resolved against the
 directory the command runs in, as datatrove and Megatron do, so recipes in `recipes/data/` are written for
 the repository root.
 """
@@ -14,7 +14,9 @@ from typing import Literal
 
 from data_pipeline.dedup import DedupConfig
 from data_pipeline.filters import FilterConfig
+from data_pipeline.metadata import MetadataConfig
 from data_pipeline.readers import InputConfig
+from data_pipeline.refine import RefineConfig
 
 
 @dataclass
@@ -55,12 +57,32 @@ class ExecutorConfig:
 
 
 @dataclass
+class TokenizeStageConfig:
+    """Tokenize the kept documents into megatron-core indexed datasets (`data_pipeline/tokenize`)."""
+
+    tokenizer: str  # a sentencepiece .model, a `kiln data train-tokenizer` folder, or an HF tokenizer folder
+    output_prefix: str | None = None  # default: <output_dir>/tokens/<name>
+    meco: bool = False  # also write <prefix>_meco / <prefix>_plain (needs the `metadata` stage)
+    batch_size: int = 1000
+    num_threads: int = 1
+
+    def validate(self) -> None:
+        if not os.path.exists(self.tokenizer):
+            raise ValueError(
+                f"tokenizer {self.tokenizer!r} does not exist (train one with `kiln data train-tokenizer`)"
+            )
+
+
+@dataclass
 class DataRecipe:
     name: str
     output_dir: str
     inputs: list[InputConfig]
     filters: list[FilterConfig] = field(default_factory=list)
     dedup: DedupConfig | None = field(default_factory=DedupConfig)
+    metadata: MetadataConfig | None = None  # MeCo: `URL: <host>` prefix per document
+    refine: RefineConfig | None = None  # TinyHelen rewriting into simplified language
+    tokenize: TokenizeStageConfig | None = None
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
     progress: bool = True  # per-task document progress bars
 
@@ -71,6 +93,8 @@ class DataRecipe:
         dupes = {n for n in names if names.count(n) > 1}
         if dupes:
             raise ValueError(f"filters: each filter kind may appear once (repeated: {sorted(dupes)})")
+        if self.tokenize and self.tokenize.meco and self.metadata is None:
+            raise ValueError("tokenize.meco needs a `metadata` stage to derive the prefixes")
 
 
 def step_name(cfg: object) -> str:

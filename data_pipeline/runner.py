@@ -76,7 +76,49 @@ class RunLayout:
         return self.logs / stage
 
 
+def _transform_steps(recipe: DataRecipe) -> list[PipelineStep]:
+    """Per-document steps after dedup and before the output is written: metadata, refinement."""
+    steps: list[PipelineStep] = []
+    if recipe.metadata is not None:
+        from data_pipeline.metadata import AddMetadata
+
+        steps.append(AddMetadata(recipe.metadata))
+    if recipe.refine is not None:
+        from data_pipeline.refine import RefineStep
+
+        steps.append(RefineStep(recipe.refine))
+    return steps
+
+
+def tokens_prefix(recipe: DataRecipe) -> str:
+    if recipe.tokenize and recipe.tokenize.output_prefix:
+        return recipe.tokenize.output_prefix
+    return str(RunLayout(recipe.output_dir).root / "tokens" / recipe.name)
+
+
+def _tokenize_stages(recipe: DataRecipe) -> list[Stage]:
+    from data_pipeline.tokenize import MergeIndexedShards, TokenizeToIndexed
+
+    cfg = recipe.tokenize
+    layout = RunLayout(recipe.output_dir)
+    prefix = tokens_prefix(recipe)
+    step = TokenizeToIndexed(
+        prefix, cfg.tokenizer, meco=cfg.meco, batch_size=cfg.batch_size, num_threads=cfg.num_threads
+    )
+    return [
+        Stage("tokenize", [RankShardReader(str(layout.output)), step], recipe.executor.tasks),
+        Stage("tokenize_merge", [MergeIndexedShards(prefix)], 1),
+    ]
+
+
 def build_stages(recipe: DataRecipe) -> list[Stage]:
+    stages = _curation_stages(recipe)
+    if recipe.tokenize is not None:
+        stages += _tokenize_stages(recipe)
+    return stages
+
+
+def _curation_stages(recipe: DataRecipe) -> list[Stage]:
     layout = RunLayout(recipe.output_dir)
     tasks = recipe.executor.tasks
     first: list[PipelineStep] = []
@@ -85,8 +127,9 @@ def build_stages(recipe: DataRecipe) -> list[Stage]:
     for cfg in recipe.filters:
         writer = JsonlWriter(str(layout.excluded / step_name(cfg)), output_filename=SHARD_NAME)
         first.append(build_filter(cfg, exclusion_writer=writer))
+    output = JsonlWriter(str(layout.output), output_filename=SHARD_NAME)
     if recipe.dedup is None:
-        return [Stage("read_filter", [*first, JsonlWriter(str(layout.output), output_filename=SHARD_NAME)], tasks)]
+        return [Stage("read_filter", [*first, *_transform_steps(recipe), output], tasks)]
 
     dedup_dir = str(layout.work / "dedup")
     filtered_dir = str(layout.work / "filtered")
@@ -101,7 +144,8 @@ def build_stages(recipe: DataRecipe) -> list[Stage]:
             dedup_dir,
             exclusion_writer=JsonlWriter(str(layout.excluded / "dedup"), output_filename=SHARD_NAME),
         ),
-        JsonlWriter(str(layout.output), output_filename=SHARD_NAME),
+        *_transform_steps(recipe),
+        output,
     ]
     stages.append(Stage("dedup_filter", final, tasks))
     return stages

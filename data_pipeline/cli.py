@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import sys
 from pathlib import Path
 
 # Subpackages that add their own `kiln data` commands through `register(data_subparsers)`.
@@ -64,9 +65,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if Path(f"{path}.idx").exists():
         from data_pipeline.tokenize import inspect_tokenized
 
-        if not args.tokenizer:
-            raise SystemExit("kiln data inspect: a tokenized dataset needs --tokenizer PATH to decode it")
-        print(inspect_tokenized(str(path), args.tokenizer, n=args.n, start=args.start))
+        # the tokenizer defaults to the one recorded in the dataset's .meta.json
+        print(inspect_tokenized(str(path), args.tokenizer, n=args.n, start=args.start, color=sys.stdout.isatty()))
         return 0
     from data_pipeline.inspect_output import inspect_path
 
@@ -132,7 +132,7 @@ def register(subparsers) -> None:
     insp.add_argument("--sample", action="store_true", help="uniform random sample instead of the first N")
     insp.add_argument("--seed", type=int, default=0)
     insp.add_argument("--max-chars", type=int, default=800, help="truncate each text (default 800)")
-    insp.add_argument("--tokenizer", help="tokenizer to decode a tokenized dataset")
+    insp.add_argument("--tokenizer", help="tokenizer for a tokenized dataset (default: the one in its .meta.json)")
     insp.add_argument("--start", type=int, default=0, help="first document of a tokenized dataset")
     insp.set_defaults(func=cmd_inspect)
 

@@ -94,6 +94,15 @@ def test_accounting_adds_up_with_bad_records(tmp_path):
     assert sorted(r["reason"] for r in rejects) == ["empty_text", "invalid_utf8", "malformed_json", "missing_text"]
     assert (tmp_path / "run" / "report" / "stats.png").stat().st_size > 1000
 
+    # `kiln data inspect`: the run's folders with their counts, and the rejects with their reasons
+    from data_pipeline.inspect_output import inspect_path
+
+    overview = inspect_path(tmp_path / "run")
+    assert f"output/  {report.kept:,} records" in overview
+    assert "rejects/input0/  4 records" in overview
+    shown = inspect_path(tmp_path / "run" / "rejects" / "input0", reason="malformed_json")
+    assert shown.count("--- ") == 1 and "reason: malformed_json" in shown and "unterminated" in shown
+
 
 @pytest.mark.slow
 @pytest.mark.shared_data

@@ -231,7 +231,7 @@ def main() -> int:
     lines = [
         f"## {datetime.date.today()} — {platform.node() or 'machine'}: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
         "",
-        f"Command: `python -m benchmarks.curation {' '.join(sys.argv[1:])}`".rstrip(),
+        f"Command: `{' '.join(['python -m benchmarks.curation', *sys.argv[1:]])}`",
         f"Input: {n_docs} documents (shared web sample, {args.copies} near-copy per page), {args.tasks} tasks, {args.workers} workers.",
         "",
         "| pipeline | seconds | docs/s | peak RSS MiB | kept |",

@@ -149,7 +149,7 @@ def make_docs(ns=None) -> list[Document]:
     return [d for d in docs if ns is None or int(d.id[3:]) in ns]
 
 
-def make_step(url: str, cache_dir) -> RefineStep:
+def make_step(url: str, cache_dir, retry_failed: bool = False) -> RefineStep:
     backend = EndpointBackendConfig(
         url=url + "/v1/",
         model="tiny-test-model",
@@ -160,7 +160,9 @@ def make_step(url: str, cache_dir) -> RefineStep:
         backoff_s=0.01,
         max_backoff_s=0.05,
     )
-    return RefineStep(RefineConfig(backend=backend, genre="auto", cache_dir=str(cache_dir), batch_size=8))
+    return RefineStep(
+        RefineConfig(backend=backend, genre="auto", cache_dir=str(cache_dir), batch_size=8, retry_failed=retry_failed)
+    )
 
 
 EXPECTED = {  # doc id -> (status, reason)
@@ -230,20 +232,30 @@ def test_endpoint_retries_failures_and_cache(server, tmp_path, monkeypatch):
     assert stats["llm_calls"] == 29
     assert "chunks_cache_hits" not in stats
 
-    # only successful answers are cached (8 of them), and never the key
+    # 8 successful answers and 4 final failures (with their reason) are cached, never the key
     cache_files = sorted(cache_dir.glob("*/*.json"))
-    assert len(cache_files) == len(RewriteCache(cache_dir)) == 8
-    for f in cache_files:
-        entry = json.loads(f.read_text())
+    assert len(cache_files) == len(RewriteCache(cache_dir)) == 12
+    entries = [json.loads(f.read_text()) for f in cache_files]
+    assert sum(e.get("error") is not None for e in entries) == 4
+    for f, entry in zip(cache_files, entries):
         assert entry["model"] == "tiny-test-model" and SECRET not in f.read_text()
 
-    # second run over the same documents: cached chunks cost nothing, failed ones are retried (bounded)
-    before = server.snapshot()
+    # second run over the same documents: the cache answers everything, the server sees zero requests
+    before_total = server.total()
     step2 = make_step(server.url, cache_dir)
     check_outputs(list(step2.run(iter(make_docs()))))
+    assert server.total() == before_total
+    assert step2.stats.stats["chunks_cache_hits"].total == 8
+    assert step2.stats.stats["chunks_cached_failures"].total == 4
+    assert "llm_calls" not in step2.stats.stats or step2.stats.stats["llm_calls"].total == 0
+
+    # retry_failed: only the failed chunks are sent again, with the same bounded retries
+    before = server.snapshot()
+    step_retry = make_step(server.url, cache_dir, retry_failed=True)
+    check_outputs(list(step_retry.run(iter(make_docs()))))
     spent = server.snapshot() - before
     assert dict(spent) == {6: 4, 7: 4, 8: 4, 9: 1}
-    assert step2.stats.stats["chunks_cache_hits"].total == 8
+    assert step_retry.stats.stats["chunks_cache_hits"].total == 8
 
     # a run over only the documents whose rewrite is cached: the server sees zero requests
     before_total = server.total()

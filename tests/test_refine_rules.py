@@ -253,9 +253,13 @@ def test_cache_roundtrip_and_atomic_files(tmp_path):
     assert cache_key("ab", "c", "d") != cache_key("a", "bc", "d")
     assert cache.get(key) is None
     cache.put(key, "model", "Out put.", truncated=True)
-    assert cache.get(key) == ("Out put.", True)
+    assert cache.get(key) == ("Out put.", True, None)
     assert json.loads(cache.path(key).read_text()) == {"model": "model", "output": "Out put.", "truncated": True}
     assert [p.name for p in cache.path(key).parent.iterdir()] == [f"{key}.json"]  # no temp files left
+    failed = cache_key("model", "prompt", "failed text")
+    cache.put(failed, "model", None, error="endpoint_failed: http_500")
+    assert cache.get(failed) == (None, False, "endpoint_failed: http_500")
+    cache.path(failed).unlink()
     cache.path(key).write_text("{broken")
     assert cache.get(key) is None and len(cache) == 1
 

@@ -95,6 +95,9 @@ class RefineConfig:
     chunk_tokens: int = 300  # TinyHelen: 300 (and a 600 variant)
     chunk_counter: Literal["approx", "model"] = "approx"  # "model": the local backend's tokenizer
     cache_dir: str | None = None  # on-disk rewrite cache; None disables it
+    # A re-run replays cached final failures (the endpoint already spent its bounded retries on them) so it
+    # never pays twice; true retries them, e.g. after an endpoint outage.
+    retry_failed: bool = False
     enabled_rewrite: bool = True  # False: rule-based cleaning, chunking, dedup and scoring only
     drop_below_min_simplicity: bool = False  # also drop documents whose final simplicity < min_simplicity
     batch_size: int = 32  # chunks handed to the backend at once (the endpoint runs them concurrently)

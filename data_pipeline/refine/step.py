@@ -145,16 +145,16 @@ class RefineStep(PipelineStep):
             for chunk in work.chunks:
                 key = cache_key(backend.model_id, prompt, chunk.original)
                 hit = cache.get(key) if cache else None
-                if hit is not None:
-                    self.stat_update("chunks_cache_hits")
-                    self._judge(chunk, RewriteResult(hit[0], truncated=hit[1]))
+                if hit is not None and (hit[2] is None or not cfg.retry_failed):
+                    self.stat_update("chunks_cache_hits" if hit[2] is None else "chunks_cached_failures")
+                    self._judge(chunk, RewriteResult(hit[0], error=hit[2], truncated=hit[1]))
                 else:
                     todo.append((chunk, key, build_messages(work.genre, chunk.original, cfg.vocab_size_k)))
         results = backend.rewrite_batch([messages for _, _, messages in todo])
         for (chunk, key, _), result in zip(todo, results, strict=True):
             self.stat_update("llm_calls", value=result.attempts)
-            if cache is not None and result.error is None and result.text is not None:
-                cache.put(key, backend.model_id, result.text, result.truncated)
+            if cache is not None and (result.error is not None or result.text is not None):
+                cache.put(key, backend.model_id, result.text, result.truncated, error=result.error)
             self._judge(chunk, result)
 
     def _judge(self, chunk: _Chunk, result: RewriteResult) -> None:

@@ -1,0 +1,222 @@
+"""Checkpoint files: atomic write + latest pointer, crash fallback, keep-K, RNG/train state, full state, signals."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from pretrain.callbacks.base import TrainState
+from pretrain.checkpoint import (
+    LATEST,
+    MANIFEST,
+    CheckpointError,
+    CheckpointManager,
+    PreemptionHandler,
+    find_latest_checkpoint,
+    is_complete,
+    load_full_state,
+    load_rng_state,
+    load_train_state,
+    resume_checkpoint,
+    save_checkpoint,
+    save_full_state,
+    save_rng_state,
+    save_train_state,
+)
+
+
+def _writer(step: int):
+    def write(d):
+        save_full_state(d, {"w": torch.full((4,), float(step))}, {"step": step}, {"step": step})
+        save_train_state(d, TrainState(step=step, consumed_samples=8 * step, tokens=8 * step * 16))
+
+    return write
+
+
+def test_save_commit_latest_and_keep_last(tmp_path):
+    mgr = CheckpointManager(tmp_path / "ckpt", keep_last=2)
+    for step in (10, 20, 30, 40, 50):
+        final = mgr.save(step, _writer(step))
+        assert final.name == f"step_{step:07d}" and is_complete(final)
+        assert (tmp_path / "ckpt" / LATEST).read_text().strip() == final.name
+    names = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    assert names == ["latest", "step_0000040", "step_0000050"]
+    latest = find_latest_checkpoint(tmp_path / "ckpt")
+    model, opt, meta = load_full_state(latest)
+    assert model["w"].tolist() == [50.0] * 4 and opt == {"step": 50} and meta == {"step": 50}
+    st = load_train_state(latest)
+    assert (st.step, st.consumed_samples, st.tokens) == (50, 400, 6400)
+    assert find_latest_checkpoint(tmp_path / "empty") is None
+    with pytest.raises(ValueError):
+        CheckpointManager(tmp_path, keep_last=0)
+
+
+def test_crash_mid_write_keeps_previous_latest(tmp_path, caplog):
+    root = tmp_path / "ckpt"
+    mgr = CheckpointManager(root, keep_last=3)
+    mgr.save(100, _writer(100))
+
+    def crashing(d):
+        _writer(200)(d)
+        raise KeyboardInterrupt("killed mid-write")
+
+    with pytest.raises(KeyboardInterrupt):
+        mgr.save(200, crashing)
+    assert (root / "step_0000200.tmp").is_dir() and not (root / "step_0000200").exists()
+    assert find_latest_checkpoint(root).name == "step_0000100"
+    # a final-named directory without its manifest (e.g. copied by hand, truncated) pointed to by latest
+    broken = root / "step_0000300"
+    broken.mkdir()
+    save_full_state(broken, {"w": torch.zeros(2)})
+    (root / LATEST).write_text("step_0000300\n")
+    with caplog.at_level(logging.WARNING, logger="pretrain.checkpoint"):
+        assert find_latest_checkpoint(root).name == "step_0000100"
+    assert "step_0000300" in caplog.text and "not usable" in caplog.text
+    # a truncated file in a manifest-complete checkpoint is detected too
+    good = root / "step_0000100"
+    with open(good / "model.safetensors", "r+b") as f:
+        f.truncate(10)
+    assert not is_complete(good) and find_latest_checkpoint(root) is None
+    # the next successful save cleans the stale tmp of step 200
+    mgr.save(400, _writer(400))
+    assert not (root / "step_0000200.tmp").exists() and find_latest_checkpoint(root).name == "step_0000400"
+
+
+def test_sigkill_during_save_leaves_previous_checkpoint(tmp_path):
+    root = tmp_path / "ckpt"
+    script = textwrap.dedent(
+        f"""
+        import sys, time, torch
+        from pretrain.checkpoint import CheckpointManager, save_full_state
+        mgr = CheckpointManager({str(root)!r}, keep_last=2)
+        mgr.save(1, lambda d: save_full_state(d, {{"w": torch.ones(3)}}))
+        def slow(d):
+            save_full_state(d, {{"w": torch.ones(1000)}})
+            print("writing", flush=True)
+            time.sleep(60)
+        mgr.save(2, slow)
+        """
+    )
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stdout.readline().strip() == "writing"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    latest = find_latest_checkpoint(root)
+    assert latest.name == "step_0000001"
+    assert load_full_state(latest)[0]["w"].tolist() == [1.0, 1.0, 1.0]
+
+
+def test_rng_round_trip_is_bitwise(tmp_path):
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    random.random(), np.random.rand(3), torch.rand(3)  # advance away from the seeded state
+    save_rng_state(tmp_path, rank=1)
+    expected = (random.random(), np.random.rand(5).tobytes(), torch.rand(5), torch.randn(4, generator=None))
+    random.seed(99)
+    np.random.seed(99)
+    torch.manual_seed(99)
+    load_rng_state(tmp_path, rank=1)
+    got = (random.random(), np.random.rand(5).tobytes(), torch.rand(5), torch.randn(4))
+    assert got[0] == expected[0] and got[1] == expected[1]
+    assert torch.equal(got[2], expected[2]) and torch.equal(got[3], expected[3])
+    with pytest.raises(CheckpointError, match="rank 0"):
+        load_rng_state(tmp_path, rank=0)
+
+
+def test_full_state_tied_weights_and_optimizer(tmp_path):
+    emb = torch.randn(10, 4)
+    model = {"embed.weight": emb, "lm_head.weight": emb, "norm.weight": torch.ones(4, dtype=torch.bfloat16)}
+    lin = torch.nn.Linear(4, 2)
+    opt = torch.optim.AdamW(lin.parameters())
+    lin(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    save_full_state(tmp_path, model, opt.state_dict(), {"tp": 2, "pp": 1})
+    m, o, meta = load_full_state(tmp_path)
+    assert torch.equal(m["embed.weight"], emb) and torch.equal(m["lm_head.weight"], emb)
+    assert m["norm.weight"].dtype == torch.bfloat16 and meta == {"tp": 2, "pp": 1}
+    assert torch.equal(o["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+    assert load_full_state(tmp_path, load_optimizer=False)[1] is None
+    with pytest.raises(CheckpointError, match="not found"):
+        load_full_state(tmp_path / "nope")
+
+
+def test_sigterm_and_sigusr1_request_save_and_stop():
+    state = TrainState(step=7)
+    with PreemptionHandler(state) as handler:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(0.01)
+        assert state.should_save and state.should_stop and "SIGUSR1" in state.stop_reason
+        state.should_save = state.should_stop = False
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.01)
+        assert state.should_save and state.should_stop
+        assert handler.received == [signal.SIGUSR1, signal.SIGTERM]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_sigterm_loop_saves_and_exits_zero(tmp_path):
+    """A toy loop shows the contract: on SIGTERM the step finishes, a checkpoint is written, exit code 0."""
+    root = tmp_path / "ckpt"
+    script = textwrap.dedent(
+        f"""
+        import time, torch
+        from pretrain.callbacks.base import TrainState
+        from pretrain.checkpoint import CheckpointManager, install_preemption_handler, save_train_state
+        state = TrainState()
+        install_preemption_handler(state)
+        mgr = CheckpointManager({str(root)!r})
+        while not state.should_stop:
+            state.step += 1
+            if state.step == 3:
+                print("ready", flush=True)
+            time.sleep(0.01)
+        if state.should_save:
+            mgr.save(state.step, lambda d: save_train_state(d, state))
+        """
+    )
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=env)
+    assert proc.stdout.readline().strip() == "ready"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+    latest = find_latest_checkpoint(root)
+    assert latest is not None and (latest / MANIFEST).is_file()
+    assert load_train_state(latest).step >= 3 and not load_train_state(latest).should_stop
+
+
+def test_save_and_resume_checkpoint_round_trip(tmp_path, caplog):
+    root = tmp_path / "ckpt"
+    assert resume_checkpoint(root) is None
+    mgr = CheckpointManager(root, keep_last=2)
+    torch.manual_seed(0)
+    state = TrainState(step=12, consumed_samples=96, tokens=96 * 32, nan_steps=1, should_save=True, should_stop=True)
+    model = {"w": torch.randn(3, 3)}
+    final = save_checkpoint(mgr, state, model, {"lr": 0.1}, {"layout": "tp2pp2"})
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    ckpt, st, m, opt, meta = resume_checkpoint(root)
+    assert ckpt == final and torch.equal(torch.rand(4), expected)
+    assert (st.step, st.consumed_samples, st.tokens, st.nan_steps) == (12, 96, 3072, 1)
+    assert not st.should_save and not st.should_stop
+    assert torch.equal(m["w"], model["w"]) and opt == {"lr": 0.1} and meta == {"layout": "tp2pp2"}
+    with caplog.at_level(logging.WARNING, logger="pretrain.checkpoint"):
+        torch.manual_seed(5)
+        resume_checkpoint(root, rank=3)
+    assert "no RNG state for rank 3" in caplog.text and torch.equal(torch.rand(4), expected)

@@ -64,13 +64,16 @@ class RankShardReader(JsonlReader):
 
 
 class RunLayout:
+    """The folders of a run directory (see the module docstring)."""
+
     def __init__(self, output_dir: str | os.PathLike):
         self.root = Path(output_dir).resolve()
-
-    def __getattr__(self, name: str) -> Path:  # output, excluded, rejects, work, logs, report
-        if name in {"output", "excluded", "rejects", "work", "logs", "report"}:
-            return self.root / name
-        raise AttributeError(name)
+        self.output = self.root / "output"
+        self.excluded = self.root / "excluded"
+        self.rejects = self.root / "rejects"
+        self.work = self.root / "work"
+        self.logs = self.root / "logs"
+        self.report = self.root / "report"
 
     def stage_logs(self, stage: str) -> Path:
         return self.logs / stage

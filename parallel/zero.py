@@ -1,0 +1,92 @@
+"""DeepSpeed configuration for a recipe: ZeRO stage, batch geometry, AdamW, clipping, precision.
+
+ZeRO 1 (optimizer state sharded over DP) is the stage that composes with pipeline parallelism; 2 (also
+gradients) and 3 (also parameters) only run without it (``TrainRecipe`` refuses the combination before any
+group starts). The optimizer is DeepSpeed's ``torch_adam`` AdamW, i.e. ``torch.optim.AdamW`` wrapped by ZeRO,
+so a 1-rank run and every layout run the same update rule.
+
+Gradient clipping is global: DeepSpeed sums squared norms of TP-sharded parameters (those with the megatron
+attribute ``tensor_model_parallel``; ``mark_tensor_parallel_params`` sets it, because megatron's layers only
+set it when they initialise their own weights, which ours do not) on every TP rank and of replicated ones (norms, biases of row-parallel layers) on
+TP rank 0 only, then all-reduces over the DP group and the model-parallel (TP x PP) group; tied-embedding
+copies on the last stage are marked ``ds_pipe_replicated`` and skipped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch.nn as nn
+
+from pretrain.model import tp_split_dim
+from pretrain.recipe import Layout, TrainRecipe
+
+
+def deepspeed_config(recipe: TrainRecipe, layout: Layout, global_batch: int | None = None) -> dict[str, Any]:
+    p, opt = recipe.parallel, recipe.optimizer
+    global_batch = global_batch or recipe.global_batch_at(0)
+    gas = global_batch // (p.micro_batch * layout.dp)
+    zero: dict[str, Any] = {"stage": p.zero_stage}
+    if p.zero_stage == 3:
+        # keep every parameter partitioned (tiny ones too) so that stage 3 is exercised as configured
+        zero.update(stage3_param_persistence_threshold=0, stage3_prefetch_bucket_size=0)
+    if p.zero_stage in (1, 2):
+        zero.update(overlap_comm=False, contiguous_gradients=True)
+    return {
+        "train_batch_size": global_batch,
+        "train_micro_batch_size_per_gpu": p.micro_batch,
+        "gradient_accumulation_steps": gas,
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": opt.lr,
+                "betas": list(opt.betas),
+                "eps": opt.eps,
+                "weight_decay": opt.weight_decay,
+                "torch_adam": True,
+                "adam_w_mode": True,
+            },
+        },
+        "gradient_clipping": opt.clip_grad,
+        "zero_optimization": zero,
+        "bf16": {"enabled": recipe.precision == "bf16"},
+        "fp16": {"enabled": False},
+        # accumulate gradients over micro-batches in fp32 also with bf16 weights (as Megatron does)
+        "data_types": {"grad_accum_dtype": "fp32"},
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+        "dump_state": False,
+    }
+
+
+def weight_decay_groups(named_params, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW parameter groups: decay matrices (projections, embeddings), not vectors (norms, biases)."""
+    decay, no_decay = [], []
+    for _, p in named_params:
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def mark_tensor_parallel_params(
+    module: nn.Module, tp_size: int, model_name: Callable[[str], str] = lambda name: name
+) -> int:
+    """Set megatron's ``tensor_model_parallel`` / ``partition_dim`` / ``partition_stride`` on every parameter
+    that is split across TP ranks (``pretrain.model.tp_split_dim`` of its KilnLlama name, which
+    ``model_name`` maps a local name to), and ``tensor_model_parallel = False`` on the replicated ones, so that
+    DeepSpeed's gradient norm counts each element exactly once. Returns how many parameters are TP-sharded."""
+    sharded = 0
+    for name, p in module.named_parameters():
+        dim = tp_split_dim(model_name(name)) if tp_size > 1 else None
+        p.tensor_model_parallel = dim is not None
+        if dim is not None:
+            p.partition_dim, p.partition_stride = dim, 1
+            sharded += 1
+    return sharded
+
+
+__all__ = ["deepspeed_config", "mark_tensor_parallel_params", "weight_decay_groups"]

@@ -1,0 +1,74 @@
+"""Which samples each rank trains on, and a synthetic token source for tests and the CPU demo.
+
+A step consumes the global samples ``consumed ... consumed + global_batch``; data-parallel rank ``r`` takes the
+contiguous slice ``pretrain.data.rank_sample_indices`` gives it and cuts it into micro-batches of
+``micro_batch`` samples. So the set of micro-batches of a step (and hence the averaged loss and gradient) is the
+same at every layout; only which rank computes which micro-batch changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from pretrain.data import collate, rank_sample_indices
+
+
+class SyntheticTokens:
+    """Learnable deterministic samples: each document is an arithmetic sequence ``(a + b * t) mod vocab`` whose
+    start ``a`` and stride ``b`` are drawn from a generator seeded with ``(seed, i)``. Same fields as
+    ``pretrain.data.PretrainData`` samples. ``documents_per_sample`` > 1 packs that many documents of equal
+    length into a sample, with ``segment_ids``, positions restarting per document, and no loss on the label that
+    crosses into the next document."""
+
+    def __init__(
+        self, vocab_size: int, seq_length: int, seed: int = 1234, documents_per_sample: int = 1, max_stride: int = 7
+    ):
+        if seq_length % documents_per_sample:
+            raise ValueError(
+                f"seq_length {seq_length} is not a multiple of documents_per_sample {documents_per_sample}"
+            )
+        self.vocab_size, self.seq_length, self.seed = vocab_size, seq_length, seed
+        self.documents, self.max_stride = documents_per_sample, max_stride
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if i < 0:
+            raise IndexError(f"sample index must be >= 0, got {i}")
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + int(i))
+        doc_len = self.seq_length // self.documents
+        docs = []
+        for d in range(self.documents):
+            a = int(torch.randint(0, self.vocab_size, (1,), generator=gen))
+            b = int(torch.randint(1, self.max_stride + 1, (1,), generator=gen))
+            length = doc_len + 1 if d == self.documents - 1 else doc_len  # + the last label
+            docs.append((a + b * torch.arange(length)) % self.vocab_size)
+        tokens = torch.cat(docs)
+        sample = {
+            "input_ids": tokens[:-1].clone(),
+            "labels": tokens[1:].clone(),
+            "loss_mask": torch.ones(self.seq_length),
+            "position_ids": torch.arange(self.seq_length),
+        }
+        if self.documents > 1:
+            sample["loss_mask"][doc_len - 1 :: doc_len][:-1] = 0.0  # the label is the next document's first token
+            sample["position_ids"] = torch.arange(doc_len).repeat(self.documents)
+            sample["segment_ids"] = torch.arange(self.documents).repeat_interleave(doc_len)
+        return sample
+
+
+def local_micro_batches(
+    dataset, consumed_samples: int, global_batch: int, micro_batch: int, dp_rank: int, dp_size: int
+) -> list[dict[str, torch.Tensor]]:
+    """This DP rank's micro-batches (each ``[micro_batch, seq]`` per field) of the step at ``consumed_samples``."""
+    indices = rank_sample_indices(consumed_samples, global_batch, dp_rank, dp_size)
+    if len(indices) % micro_batch:
+        raise ValueError(f"{len(indices)} samples per rank is not a multiple of micro_batch {micro_batch}")
+    return [collate_indices(dataset, indices[j : j + micro_batch]) for j in range(0, len(indices), micro_batch)]
+
+
+def collate_indices(dataset, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+    return collate([dataset[int(i)] for i in indices])
+
+
+__all__ = ["SyntheticTokens", "collate_indices", "local_micro_batches"]

@@ -1,0 +1,180 @@
+"""One optimizer step at any TP x PP x DP layout: ``TrainEngine.train_step(micro_batches, global_batch, lr)``.
+
+* PP = 1: ``KilnLlama`` itself (megatron TP layers at TP > 1, plain layers at TP = 1) in a DeepSpeed engine
+  with ZeRO 0-3 over the data-parallel group; ``parallel.topology.MegatronMPU`` tells DeepSpeed the groups.
+  The loop runs the micro-batches (forward, ``engine.backward``, ``engine.step`` which only updates at the
+  gradient-accumulation boundary).
+* PP > 1: the pipeline of ``parallel.pipeline`` in DeepSpeed's 1F1B ``PipelineEngine`` (ZeRO 0/1), which pulls
+  the micro-batches from an iterator on the first and last stage.
+
+Either way the step's loss is the mean of the micro-batch losses of the whole global batch, on every rank.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from parallel.pipeline import build_pipeline, model_param_name
+from parallel.topology import ParallelContext
+from parallel.zero import deepspeed_config, mark_tensor_parallel_params, weight_decay_groups
+from pretrain.model import KilnLlama, positions_from_segments, tp_split_dim
+from pretrain.recipe import TrainRecipe
+
+
+class TrainEngine:
+    def __init__(self, recipe: TrainRecipe, ctx: ParallelContext):
+        import deepspeed
+
+        self.recipe, self.ctx, self.cfg = recipe, ctx, recipe.model
+        self.pipelined = ctx.layout.pp > 1
+        self.global_batch = recipe.global_batch_at(0)
+        ds_config = deepspeed_config(recipe, ctx.layout, self.global_batch)
+        if self.pipelined:
+            self.module = build_pipeline(
+                self.cfg,
+                ctx,
+                init_seed=recipe.seed,
+                activation_checkpointing=recipe.parallel.activation_checkpointing,
+            )
+            n_layers = self.cfg.num_hidden_layers
+            mark_tensor_parallel_params(self.module, ctx.layout.tp, lambda name: model_param_name(name, n_layers))
+            groups = weight_decay_groups(self.module.named_parameters(), recipe.optimizer.weight_decay)
+            self.engine, *_ = deepspeed.initialize(model=self.module, model_parameters=groups, config=ds_config)
+        else:
+            self.module = KilnLlama(self.cfg, tp_group=ctx.tp_group, init_seed=recipe.seed)
+            if recipe.parallel.activation_checkpointing:
+                checkpoint_layers(self.module)
+            if recipe.parallel.zero_stage == 3 and self.cfg.tie_word_embeddings:
+                # ZeRO-3 gathers a parameter for the module that owns it; the tied head reads the embedding's
+                # weight from another module, which must be declared.
+                deepspeed.zero.register_external_parameter(self.module, self.module.embed_tokens.weight)
+            mark_tensor_parallel_params(self.module, ctx.layout.tp)
+            groups = weight_decay_groups(self.module.named_parameters(), recipe.optimizer.weight_decay)
+            self.engine, *_ = deepspeed.initialize(
+                model=self.module, model_parameters=groups, config=ds_config, mpu=ctx.mpu
+            )
+
+    # --- one step ---
+
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]], global_batch: int, lr: float) -> dict:
+        """Run this rank's micro-batches of one global batch and the optimizer step. Returns loss (the mean over
+        all micro-batches of the global batch, same on every rank), grad_norm (before clipping) and lr."""
+        if global_batch != self.global_batch:  # batch-size ramp-up: more micro-batches per step
+            self.engine.set_train_batch_size(global_batch)
+            self.global_batch = global_batch
+        expected = self.engine.gradient_accumulation_steps()
+        if len(micro_batches) != expected:
+            raise ValueError(f"got {len(micro_batches)} micro-batches, the engine expects {expected}")
+        self.set_lr(lr)
+        if self.pipelined:
+            loss = self._pipeline_step(micro_batches)
+        else:
+            loss = self._plain_step(micro_batches)
+        grad_norm = self.engine.get_global_grad_norm()
+        return {"loss": loss, "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"), "lr": lr}
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+
+    def current_lr(self) -> float:
+        return float(self.engine.optimizer.param_groups[0]["lr"])
+
+    def _plain_step(self, micro_batches) -> float:
+        total = torch.zeros((), dtype=torch.float64)
+        for mb in micro_batches:
+            mb = self._to_device(mb)
+            segment_ids = mb.get("segment_ids") if self.cfg.document_masking else None
+            loss = self.engine(
+                mb["input_ids"],
+                position_ids=mb.get("position_ids"),
+                segment_ids=segment_ids,
+                labels=mb["labels"],
+                loss_mask=mb.get("loss_mask"),
+            )
+            self.engine.backward(loss)
+            self.engine.step()
+            total += loss.detach().double().cpu()
+        total /= len(micro_batches)
+        if self.ctx.layout.dp > 1:
+            total = total.to(self.ctx.device)
+            dist.all_reduce(total, group=self.ctx.dp_group)
+            total = total.cpu() / self.ctx.layout.dp
+        return float(total)
+
+    def _pipeline_step(self, micro_batches) -> float:
+        items = [self.pipeline_inputs(mb) for mb in micro_batches]
+        loss = self.engine.train_batch(data_iter=iter(items))
+        return float(loss)
+
+    def pipeline_inputs(self, mb: dict[str, torch.Tensor]) -> tuple[tuple, tuple]:
+        """A micro-batch as DeepSpeed's pipeline takes it: ``((input_ids, position_ids[, segment_ids]),
+        (labels, loss_mask))`` (the first stage reads the inputs, the last the targets)."""
+        mb = self._to_device(mb)
+        input_ids = mb["input_ids"]
+        segment_ids = mb.get("segment_ids") if self.cfg.document_masking else None
+        position_ids = mb.get("position_ids")
+        if position_ids is None:
+            if segment_ids is not None:
+                position_ids = positions_from_segments(segment_ids)
+            else:
+                b, s = input_ids.shape
+                position_ids = torch.arange(s, device=input_ids.device).expand(b, s).contiguous()
+        inputs = (input_ids, position_ids) if segment_ids is None else (input_ids, position_ids, segment_ids)
+        loss_mask = mb.get("loss_mask")
+        if loss_mask is None:
+            loss_mask = torch.ones_like(mb["labels"], dtype=torch.float32)
+        return inputs, (mb["labels"], loss_mask.float())
+
+    def _to_device(self, mb: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.ctx.device, non_blocking=True) for k, v in mb.items()}
+
+    @torch.no_grad()
+    def full_model_state(self) -> dict[str, torch.Tensor]:
+        """The whole model as full-size fp32 CPU tensors under KilnLlama (= Hugging Face) names, on every rank,
+        whatever the layout: ZeRO-3 partitions are gathered over DP, TP slices concatenated over the TP group,
+        pipeline stages exchanged over the PP group. All ranks must call it. Memory: every rank ends up holding
+        the whole model once, in fp32 (with bf16 training these are the bf16 weights, not the fp32 masters)."""
+        import deepspeed
+
+        n_layers, tp = self.cfg.num_hidden_layers, self.ctx.layout.tp
+        named = list(self.module.named_parameters())
+        local: dict[str, torch.Tensor] = {}
+        with deepspeed.zero.GatheredParameters([p for _, p in named], enabled=self.recipe.parallel.zero_stage == 3):
+            for name, p in named:
+                name = model_param_name(name, n_layers) if self.pipelined else name
+                if name in local:  # the tied embedding's second copy on the last stage
+                    continue
+                value = p.detach()
+                dim = tp_split_dim(name)
+                if tp > 1 and dim is not None:
+                    parts = [torch.empty_like(value) for _ in range(tp)]
+                    dist.all_gather(parts, value.contiguous(), group=self.ctx.tp_group)
+                    value = torch.cat(parts, dim=dim)
+                local[name] = value.float().cpu().clone()
+        if self.ctx.layout.pp == 1:
+            return local
+        stages: list[dict[str, torch.Tensor]] = [{} for _ in range(self.ctx.layout.pp)]
+        dist.all_gather_object(stages, local, group=self.ctx.pp_group)
+        return {name: t for stage in stages for name, t in stage.items()}
+
+    def num_parameters(self) -> int:
+        """Parameters held by this rank (its TP slice of its pipeline stage), counted before ZeRO sharding."""
+        return sum(getattr(p, "ds_numel", p.numel()) for p in self.module.parameters())
+
+
+def checkpoint_layers(model: KilnLlama, checkpoint: Callable[..., Any] | None = None) -> None:
+    """Recompute each decoder layer's activations in the backward pass (activation checkpointing), keeping the
+    parameter names (the layer's ``forward`` is wrapped on the instance, not the module replaced)."""
+    checkpoint = checkpoint or functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+    for layer in model.layers:
+        inner = layer.forward
+        layer.forward = functools.partial(checkpoint, inner)
+
+
+__all__ = ["TrainEngine", "checkpoint_layers"]

@@ -1,0 +1,276 @@
+"""The pretraining recipe: typed dataclasses loaded from ``recipes/pretrain/*.yaml`` plus ``key=value`` overrides.
+
+Everything a run needs is here and is checked twice before any process group starts:
+
+* ``TrainRecipe.validate()`` (run by the loader): values that make sense on their own (positive sizes, a known
+  schedule, a batch ramp that reaches the global batch in whole increments);
+* ``TrainRecipe.layout(world_size)``: the parallel layout against the number of processes (world size ==
+  TP x PP x DP, heads / KV heads / vocabulary divisible by TP, at least one layer per pipeline stage, the
+  global batch (and every ramp-up value) divisible by micro batch x DP, ZeRO 2/3 only without PP).
+
+Both raise ``ConfigError`` with a message that names the key, so a 64-node job fails in a second on rank 0's
+console instead of after minutes of process-group setup.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from kiln.config import ConfigError, load_config, to_dict
+from pretrain.config import ModelConfig
+from pretrain.data import DataConfig
+
+
+@dataclass
+class ParallelConfig:
+    """Tensor x pipeline x data parallelism, ZeRO, batch sizes (in samples of ``data.seq_length`` tokens)."""
+
+    tp: int = 1
+    pp: int = 1
+    dp: int = -1  # -1: derived as world_size // (tp * pp)
+    zero_stage: int = 1
+    micro_batch: int = 1  # samples per micro-batch per data-parallel rank
+    global_batch: int = 8  # samples per optimizer step, over all data-parallel ranks
+    activation_checkpointing: bool = False
+    collective_timeout_s: float = 600.0  # a collective that waits longer ends the job instead of hanging it
+
+    def validate(self) -> None:
+        for name in ("tp", "pp", "micro_batch", "global_batch"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
+        if self.dp != -1 and self.dp < 1:
+            raise ConfigError(f"parallel.dp must be >= 1 or -1 (derived from the world size), got {self.dp}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"parallel.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.zero_stage >= 2 and self.pp > 1:
+            raise ConfigError(
+                f"parallel.zero_stage={self.zero_stage} cannot be combined with pipeline parallelism "
+                f"(parallel.pp={self.pp}): DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 only"
+            )
+        if not self.collective_timeout_s > 0:
+            raise ConfigError(f"parallel.collective_timeout_s must be > 0, got {self.collective_timeout_s}")
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW. Weight decay applies to matrices (projections, embeddings), not to norms and biases."""
+
+    lr: float = 3e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    clip_grad: float = 1.0  # global gradient-norm clip over all TP/PP/DP shards; 0 disables
+
+    def validate(self) -> None:
+        if not self.lr > 0:
+            raise ConfigError(f"optimizer.lr must be > 0, got {self.lr}")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"optimizer.betas must be in [0, 1), got {list(self.betas)}")
+        if not self.eps > 0:
+            raise ConfigError(f"optimizer.eps must be > 0, got {self.eps}")
+        if self.weight_decay < 0 or self.clip_grad < 0:
+            raise ConfigError("optimizer.weight_decay and optimizer.clip_grad must be >= 0")
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning-rate schedule over optimizer steps.
+
+    ``cosine``: linear warm-up to ``optimizer.lr``, then cosine decay to ``min_lr_ratio * lr`` at
+    ``decay_steps`` (default: the end of training). ``wsd`` (warmup-stable-decay): warm-up, constant, then a
+    linear decay over the last ``wsd_decay_fraction`` of training to ``min_lr_ratio * lr``. ``constant``:
+    warm-up then constant.
+    """
+
+    kind: Literal["cosine", "wsd", "constant"] = "cosine"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+    decay_steps: int | None = None  # cosine: step at which min_lr is reached; None = train_steps
+    wsd_decay_fraction: float = 0.2
+
+    def validate(self) -> None:
+        if self.warmup_steps < 0:
+            raise ConfigError(f"schedule.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"schedule.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if not 0 < self.wsd_decay_fraction <= 1:
+            raise ConfigError(f"schedule.wsd_decay_fraction must be in (0, 1], got {self.wsd_decay_fraction}")
+        if self.decay_steps is not None and self.decay_steps <= self.warmup_steps:
+            raise ConfigError(
+                f"schedule.decay_steps ({self.decay_steps}) must be > schedule.warmup_steps ({self.warmup_steps})"
+            )
+
+
+@dataclass
+class BatchRampupConfig:
+    """MT-NLG / Megatron batch-size ramp-up: start at ``start`` samples per step and grow by ``increment``
+    every ``ramp_samples / ((global_batch - start) / increment)`` consumed samples, reaching
+    ``parallel.global_batch`` after ``ramp_samples`` samples. ``start: 0`` disables the ramp."""
+
+    start: int = 0
+    increment: int = 0
+    ramp_samples: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.start > 0
+
+
+@dataclass
+class SyntheticDataConfig:
+    """Deterministic synthetic tokens (arithmetic sequences modulo the vocabulary): sample ``i`` depends only
+    on ``seed`` and ``i``, so every layout sees the same data. Used by tests and the CPU demo; real runs put
+    the indexed-dataset blend in ``data`` instead."""
+
+    seq_length: int = 32
+    seed: int = 1234
+    documents_per_sample: int = 1  # > 1: packed documents (segment ids, document masking)
+
+    def validate(self) -> None:
+        if self.seq_length < 2 or self.documents_per_sample < 1 or self.seq_length % self.documents_per_sample:
+            raise ConfigError(
+                "synthetic_data.seq_length must be >= 2 and a multiple of synthetic_data.documents_per_sample"
+            )
+
+
+@dataclass
+class TrainRecipe:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    batch_rampup: BatchRampupConfig = field(default_factory=BatchRampupConfig)
+    # fp32: everything in fp32 (CPU, and the layout-equivalence tests). bf16: bf16 compute with fp32 master
+    # weights and optimizer state kept by DeepSpeed (GPU).
+    precision: Literal["fp32", "bf16"] = "fp32"
+    seed: int = 0  # weight init; the data order has its own seed in the data section
+    train_steps: int = 100
+    log_interval: int = 10
+    run_dir: str = "runs/pretrain"
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"  # offline: files under run_dir, no network
+    max_nan_steps: int = 10  # stop the run once more steps than this had a NaN/inf loss
+    synthetic_data: SyntheticDataConfig | None = None
+    # The indexed-dataset blend (pretrain.data); exactly one of data / synthetic_data is set.
+    data: DataConfig | None = None
+
+    def validate(self) -> None:
+        self.model.validate()
+        if self.train_steps < 1:
+            raise ConfigError(f"train_steps must be >= 1, got {self.train_steps}")
+        if self.log_interval < 1:
+            raise ConfigError(f"log_interval must be >= 1, got {self.log_interval}")
+        if (self.data is None) == (self.synthetic_data is None):
+            raise ConfigError("set exactly one of 'data' (indexed datasets) or 'synthetic_data'")
+        if self.schedule.decay_steps is None and self.schedule.warmup_steps >= self.train_steps:
+            raise ConfigError(
+                f"schedule.warmup_steps ({self.schedule.warmup_steps}) must be < train_steps ({self.train_steps})"
+            )
+        ramp, gb = self.batch_rampup, self.parallel.global_batch
+        if ramp.enabled:
+            if ramp.increment < 1 or ramp.ramp_samples < 1:
+                raise ConfigError("batch_rampup.increment and batch_rampup.ramp_samples must be >= 1 with a ramp")
+            if ramp.start >= gb:
+                raise ConfigError(f"batch_rampup.start ({ramp.start}) must be < parallel.global_batch ({gb})")
+            if (gb - ramp.start) % ramp.increment:
+                raise ConfigError(
+                    f"parallel.global_batch - batch_rampup.start ({gb} - {ramp.start}) must be a multiple of "
+                    f"batch_rampup.increment ({ramp.increment})"
+                )
+
+    @property
+    def seq_length(self) -> int:
+        if self.synthetic_data is not None:
+            return self.synthetic_data.seq_length
+        return self.data.seq_length  # type: ignore[union-attr]
+
+    def layout(self, world_size: int) -> Layout:
+        """The TP x PP x DP layout for ``world_size`` processes, or a ConfigError saying what does not fit."""
+        p, m = self.parallel, self.model
+        if world_size < 1:
+            raise ConfigError(f"world size must be >= 1, got {world_size}")
+        if world_size % (p.tp * p.pp):
+            raise ConfigError(
+                f"world size {world_size} is not divisible by parallel.tp x parallel.pp = {p.tp} x {p.pp}"
+            )
+        dp = world_size // (p.tp * p.pp)
+        if p.dp != -1 and p.dp != dp:
+            raise ConfigError(
+                f"world size {world_size} != parallel.tp x parallel.pp x parallel.dp = {p.tp} x {p.pp} x {p.dp} "
+                f"(= {p.tp * p.pp * p.dp}); launch {p.tp * p.pp * p.dp} processes or set parallel.dp: -1"
+            )
+        try:
+            m.validate_tp(p.tp)
+        except ConfigError as e:
+            raise ConfigError(f"parallel.tp: {e}") from None
+        if m.num_hidden_layers < p.pp:
+            raise ConfigError(
+                f"model.num_hidden_layers ({m.num_hidden_layers}) must be >= parallel.pp ({p.pp}): every "
+                "pipeline stage needs at least one decoder layer"
+            )
+        per_step = p.micro_batch * dp
+        batches = [("parallel.global_batch", p.global_batch)]
+        if self.batch_rampup.enabled:
+            batches += [
+                ("batch_rampup.start", self.batch_rampup.start),
+                ("batch_rampup.increment", self.batch_rampup.increment),
+            ]
+        for name, value in batches:
+            if value % per_step:
+                raise ConfigError(
+                    f"{name} ({value}) must be divisible by parallel.micro_batch x data-parallel size "
+                    f"({p.micro_batch} x {dp} = {per_step})"
+                )
+        return Layout(tp=p.tp, pp=p.pp, dp=dp)
+
+    def global_batch_at(self, consumed_samples: int) -> int:
+        """Samples in the optimizer step that starts after ``consumed_samples`` (Megatron's ramp-up rule)."""
+        ramp, gb = self.batch_rampup, self.parallel.global_batch
+        if not ramp.enabled or consumed_samples >= ramp.ramp_samples:
+            return gb
+        increments = (gb - ramp.start) // ramp.increment
+        samples_per_increment = ramp.ramp_samples / increments
+        return min(gb, ramp.start + int(consumed_samples // samples_per_increment) * ramp.increment)
+
+    def samples_before_step(self, step: int) -> int:
+        """Global samples consumed by steps ``0 .. step - 1`` (the data position at the start of ``step``)."""
+        consumed, done = 0, 0
+        while done < step and self.batch_rampup.enabled and consumed < self.batch_rampup.ramp_samples:
+            consumed += self.global_batch_at(consumed)
+            done += 1
+        return consumed + (step - done) * self.parallel.global_batch
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int
+    pp: int
+    dp: int
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    def __str__(self) -> str:
+        return f"TP{self.tp} x PP{self.pp} x DP{self.dp}"
+
+
+def load_recipe(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainRecipe:
+    """Read a recipe YAML, apply ``key=value`` overrides, validate (not yet against a world size)."""
+    return load_config(TrainRecipe, path, overrides)
+
+
+__all__ = [
+    "BatchRampupConfig",
+    "Layout",
+    "OptimizerConfig",
+    "ParallelConfig",
+    "ScheduleConfig",
+    "SyntheticDataConfig",
+    "TrainRecipe",
+    "load_recipe",
+]

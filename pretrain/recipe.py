@@ -136,12 +136,34 @@ class SyntheticDataConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """Periodic checkpoints (full model + optimizer state, train state, RNG; see ``pretrain.checkpoint``) every
+    ``interval`` steps (0: only on pre-emption signals and at the end of training), keeping the newest
+    ``keep_last``. ``dir`` defaults to ``<run_dir>/checkpoints``."""
+
+    interval: int = 0
+    keep_last: int = 3
+    dir: str | None = None
+    save_final: bool = True  # with interval > 0: also save at the last step
+
+    def validate(self) -> None:
+        if self.interval < 0:
+            raise ConfigError(f"checkpoint.interval must be >= 0 (0: no periodic saves), got {self.interval}")
+        if self.keep_last < 1:
+            raise ConfigError(f"checkpoint.keep_last must be >= 1, got {self.keep_last}")
+
+
+@dataclass
 class TrainRecipe:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     batch_rampup: BatchRampupConfig = field(default_factory=BatchRampupConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    # resume=true: from the newest complete checkpoint under checkpoint.dir (none yet: start fresh);
+    # resume=<path>: from that checkpoint directory, or the newest complete one under that root.
+    resume: bool | str = False
     # fp32: everything in fp32 (CPU, and the layout-equivalence tests). bf16: bf16 compute with fp32 master
     # weights and optimizer state kept by DeepSpeed (GPU).
     precision: Literal["fp32", "bf16"] = "fp32"
@@ -157,6 +179,7 @@ class TrainRecipe:
 
     def validate(self) -> None:
         self.model.validate()
+        self.checkpoint.validate()
         if self.train_steps < 1:
             raise ConfigError(f"train_steps must be >= 1, got {self.train_steps}")
         if self.log_interval < 1:
@@ -241,6 +264,10 @@ class TrainRecipe:
             done += 1
         return consumed + (step - done) * self.parallel.global_batch
 
+    @property
+    def checkpoint_dir(self) -> str:
+        return self.checkpoint.dir if self.checkpoint.dir else os.path.join(self.run_dir, "checkpoints")
+
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
 
@@ -266,6 +293,7 @@ def load_recipe(path: str | os.PathLike | None, overrides: list[str] | tuple[str
 
 __all__ = [
     "BatchRampupConfig",
+    "CheckpointConfig",
     "Layout",
     "OptimizerConfig",
     "ParallelConfig",

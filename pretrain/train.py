@@ -7,20 +7,31 @@
 The recipe is loaded and checked against the world size, and the data opened, before any process group
 starts. The loop is short: features hang off callbacks (``pretrain.callbacks``: NaN guard, throughput/MFU,
 console line, metrics file, W&B).
+
+Checkpoints (``pretrain.checkpoint``): every ``checkpoint.interval`` steps, at the end, and when SIGTERM /
+SIGUSR1 arrives (the loop finishes the current step, saves, and exits 0). A checkpoint holds the full model and
+optimizer state under layout-independent names, the train state (step, consumed samples = the data position,
+since sample ``i`` is a pure function of ``i``) and every rank's RNG state; the LR is a function of the step.
+``resume=true`` continues from the newest complete checkpoint under ``checkpoint.dir`` (a half-written one is
+skipped with a warning), ``resume=<path>`` from that checkpoint or root, at any TP/PP/DP layout.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from kiln.config import ConfigError
+from kiln.config import ConfigError, to_dict
 from pretrain.callbacks.base import Callback, CallbackList, TrainState
 from pretrain.recipe import TrainRecipe, load_recipe
+
+log = logging.getLogger(__name__)
 
 
 def build_dataset(recipe: TrainRecipe):
@@ -61,6 +72,119 @@ def default_callbacks(recipe: TrainRecipe, ctx, loggers: bool = True) -> list[Ca
     return callbacks
 
 
+def resolve_resume(recipe: TrainRecipe) -> Path | None:
+    """The checkpoint directory ``recipe.resume`` asks for (None: start from scratch). ``true``: the newest
+    complete checkpoint under ``checkpoint.dir``, or None if there is none yet; a path: that checkpoint
+    directory (an incomplete one falls back, with a warning, to the newest complete one beside it) or the newest
+    complete checkpoint under that root. A path that holds none is a ConfigError."""
+    from pretrain.checkpoint import MANIFEST, find_latest_checkpoint, is_complete, list_checkpoints
+
+    r = recipe.resume
+    if r is False or (isinstance(r, str) and r.strip().lower() in ("", "false", "no", "none")):
+        return None
+    if r is True or (isinstance(r, str) and r.strip().lower() in ("true", "yes", "latest", "auto")):
+        ckpt = find_latest_checkpoint(recipe.checkpoint_dir)
+        if ckpt is None:
+            log.warning("resume: no complete checkpoint under %s; starting from step 0", recipe.checkpoint_dir)
+        return ckpt
+    path = Path(r)
+    if not path.is_dir():
+        raise ConfigError(f"resume: {path} does not exist (give a checkpoint directory or a checkpoint root)")
+    looks_like_one = (path / MANIFEST).exists() or path.name.startswith("step_")
+    if looks_like_one:
+        if is_complete(path):
+            return path
+        ckpt = find_latest_checkpoint(path.parent)
+        if ckpt is None:
+            raise ConfigError(f"resume: {path} is incomplete (half-written) and {path.parent} has no complete one")
+        log.warning("resume: %s is incomplete (half-written); falling back to %s", path, ckpt)
+        return ckpt
+    ckpt = find_latest_checkpoint(path)
+    if ckpt is None:
+        found = len(list_checkpoints(path))
+        raise ConfigError(f"resume: no complete checkpoint under {path} ({found} incomplete step_* directories)")
+    return ckpt
+
+
+def restore_checkpoint(ckpt: Path, engine, state: TrainState, ctx) -> dict:
+    """Load ``ckpt`` into ``engine`` (sliced for the current layout) and ``state``, and set this rank's RNG
+    state. Returns the checkpoint's meta."""
+    from pretrain.checkpoint import CheckpointError, load_full_state, load_rng_state, load_train_state, rng_file
+
+    saved = load_train_state(ckpt)
+    model_state, optimizer_state, meta = load_full_state(ckpt)
+    if optimizer_state is None:
+        raise CheckpointError(f"{ckpt} has no optimizer state: it cannot be resumed (only used as initial weights)")
+    engine.load_full_state(model_state, optimizer_state)
+    for name in ("step", "consumed_samples", "tokens", "nan_steps", "skipped_steps", "extra"):
+        setattr(state, name, getattr(saved, name))
+    saved_world = meta.get("layout", {}).get("world_size")
+    if (ckpt / rng_file(ctx.rank)).is_file() and saved_world == ctx.world_size:
+        load_rng_state(ckpt, ctx.rank)
+    else:
+        if ctx.rank == 0:
+            log.warning(
+                "%s was saved at world size %s, this run has %d: every rank takes rank 0's RNG state "
+                "(the data order does not depend on it)",
+                ckpt,
+                saved_world,
+                ctx.world_size,
+            )
+        load_rng_state(ckpt, 0)
+    if ctx.rank == 0:
+        print(
+            f"resumed from {ckpt} (saved at {meta.get('layout', {}).get('name', '?')}): step {state.step}, "
+            f"{state.consumed_samples} samples consumed",
+            flush=True,
+        )
+    return meta
+
+
+def save_train_checkpoint(manager, recipe: TrainRecipe, engine, state: TrainState, ctx) -> Path:
+    """Every rank: gather the full model and optimizer state, rank 0 writes them, every rank its RNG state."""
+    import torch.distributed as dist
+
+    from pretrain.checkpoint import save_checkpoint
+
+    model_state = engine.full_model_state()
+    optimizer_state = engine.full_optimizer_state()
+    layout = ctx.layout
+    meta = {
+        "step": state.step,
+        "consumed_samples": state.consumed_samples,
+        "layout": {
+            "tp": layout.tp,
+            "pp": layout.pp,
+            "dp": layout.dp,
+            "world_size": ctx.world_size,
+            "zero_stage": recipe.parallel.zero_stage,
+            "name": str(layout),
+        },
+        "model": to_dict(recipe.model),
+        "recipe": recipe.to_dict(),
+    }
+    barrier = dist.barrier if ctx.world_size > 1 else None
+    final = save_checkpoint(manager, state, model_state, optimizer_state, meta, rank=ctx.rank, barrier=barrier)
+    if ctx.rank == 0:
+        print(f"saved checkpoint {final}", flush=True)
+    return final
+
+
+def _agree_on_flags(state: TrainState, ctx) -> None:
+    """A signal may reach only some ranks: every rank saves and stops if any rank was asked to."""
+    import torch
+    import torch.distributed as dist
+
+    if ctx.world_size == 1:
+        return
+    flags = torch.tensor([int(state.should_save), int(state.should_stop)], device=ctx.device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    should_save, should_stop = bool(flags[0]), bool(flags[1])
+    if should_stop and not state.should_stop:
+        state.stop_reason = state.stop_reason or "stop requested on another rank"
+    state.should_save, state.should_stop = should_save, should_stop
+
+
 def train(
     recipe: TrainRecipe,
     callbacks: Sequence[Callback] = (),
@@ -73,14 +197,16 @@ def train(
     ``callbacks`` run after the default ones (``default_callbacks``); ``engine``: a ``TrainEngine`` built by the
     caller on ``ctx`` (to read its weights afterwards), else one is built here."""
     from parallel.topology import init_parallel
-    from pretrain.engine import TrainEngine, local_micro_batches
+    from pretrain.checkpoint import CheckpointManager, install_preemption_handler
+    from pretrain.engine import TrainEngine
     from pretrain.schedule import LRSchedule
 
     dataset = dataset if dataset is not None else build_dataset(recipe)  # bad paths fail before any group
+    resume_from = resolve_resume(recipe)  # a bad resume path fails before any group too
     if ctx is None:
         layout = recipe.layout(int(os.environ.get("WORLD_SIZE", "1")))
         ctx = init_parallel(layout, timeout_s=recipe.parallel.collective_timeout_s)
-    layout, p = ctx.layout, recipe.parallel
+    layout = ctx.layout
     engine = engine if engine is not None else TrainEngine(recipe, ctx)
     schedule = LRSchedule(recipe.schedule, recipe.optimizer.lr, recipe.train_steps)
     state = TrainState(
@@ -92,7 +218,33 @@ def train(
         tp_size=layout.tp,
         pp_size=layout.pp,
     )
-    hooks = CallbackList([*default_callbacks(recipe, ctx, loggers), *callbacks])
+    if resume_from is not None:
+        restore_checkpoint(resume_from, engine, state, ctx)
+    ck = recipe.checkpoint
+    manager = CheckpointManager(recipe.checkpoint_dir, keep_last=ck.keep_last)
+    handler = install_preemption_handler(state) if threading.current_thread() is threading.main_thread() else None
+    try:
+        _loop(
+            recipe,
+            CallbackList([*default_callbacks(recipe, ctx, loggers), *callbacks]),
+            dataset,
+            ctx,
+            engine,
+            schedule,
+            state,
+            manager,
+        )
+    finally:
+        if handler is not None:
+            handler.uninstall()
+    return state
+
+
+def _loop(recipe: TrainRecipe, hooks: CallbackList, dataset, ctx, engine, schedule, state, manager) -> None:
+    from pretrain.engine import local_micro_batches
+
+    layout, p, ck = ctx.layout, recipe.parallel, recipe.checkpoint
+    last_saved = state.step if state.step > 0 else -1  # a resumed run starts at a saved step
     hooks.on_train_start(state)
     while state.step < recipe.train_steps and not state.should_stop:
         start = time.perf_counter()
@@ -107,8 +259,18 @@ def train(
         state.tokens += tokens
         metrics.update(global_batch=global_batch, tokens=tokens, step_time_s=time.perf_counter() - start)
         hooks.on_step_end(state, metrics)
+        _agree_on_flags(state, ctx)
+        periodic = ck.interval > 0 and state.step % ck.interval == 0
+        final = ck.save_final and ck.interval > 0 and state.step == recipe.train_steps
+        if state.should_save or periodic or final:
+            save_train_checkpoint(manager, recipe, engine, state, ctx)
+            state.should_save = False
+            last_saved = state.step
+    _agree_on_flags(state, ctx)
+    if state.should_save and last_saved != state.step:  # e.g. a signal that arrived during the last step
+        save_train_checkpoint(manager, recipe, engine, state, ctx)
+        state.should_save = False
     hooks.on_train_end(state)
-    return state
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -131,7 +293,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if int(os.environ.get("RANK", "0")) == 0:
             print(dry_run_report(recipe, layout))
         return 0
-    return train(recipe).exit_code
+    try:
+        return train(recipe).exit_code
+    except ConfigError as e:  # e.g. a resume path without a complete checkpoint
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """The training engine: one optimizer step at any layout (``core``), which samples each rank trains on
-(``batches``) and the ``--dry-run`` memory estimate (``memory``)."""
+(``batches``), the full (layout-independent) optimizer state for checkpoints (``state``) and the ``--dry-run``
+memory estimate (``memory``)."""
 
 from pretrain.engine.batches import SyntheticTokens, collate_indices, local_micro_batches
 from pretrain.engine.core import TrainEngine, checkpoint_layers

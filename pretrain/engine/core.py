@@ -163,6 +163,19 @@ class TrainEngine:
         dist.all_gather_object(stages, local, group=self.ctx.pp_group)
         return {name: t for stage in stages for name, t in stage.items()}
 
+    def full_optimizer_state(self) -> dict:
+        """The full AdamW state (moments, fp32 masters, step) per KilnLlama parameter name, gathered from every
+        ZeRO / TP / PP shard, on every rank (``pretrain.engine.state``). All ranks must call it."""
+        from pretrain.engine.state import full_optimizer_state
+
+        return full_optimizer_state(self)
+
+    def load_full_state(self, model_state: dict[str, torch.Tensor], optimizer_state: dict | None = None) -> None:
+        """Load a full (any-layout) model state, and optimizer state when given, into this rank's shards."""
+        from pretrain.engine.state import load_full_state
+
+        load_full_state(self, model_state, optimizer_state)
+
     def num_parameters(self) -> int:
         """Parameters held by this rank (its TP slice of its pipeline stage), counted before ZeRO sharding."""
         return sum(getattr(p, "ds_numel", p.numel()) for p in self.module.parameters())

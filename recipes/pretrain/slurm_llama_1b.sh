@@ -11,6 +11,9 @@
 #SBATCH --exclusive
 #SBATCH --time=48:00:00
 #SBATCH --output=runs/pretrain/llama_1b/slurm-%j.out
+#SBATCH --requeue
+# Pre-emption / time limit: Slurm sends SIGTERM, torchrun forwards it to every rank, the trainer finishes the
+# step, writes a checkpoint and exits 0; the recipe's `resume: true` makes the requeued job continue from it.
 set -euo pipefail
 
 MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)

@@ -1,0 +1,499 @@
+"""Trainer throughput: our trainer at 1 rank vs a plain PyTorch loop, and (on a GPU) the MFU of a ~1B model.
+
+Loop comparison (always; on CPU here, and on the GPU when one is present, both sides on it): the same
+``KilnLlama`` (``pretrain.model``), the same data (``SyntheticTokens`` packed samples, cut into micro-batches by
+the trainer's own ``local_micro_batches``), the same AdamW (decay on matrices only, same betas/eps/lr
+schedule), the same gradient clipping, the same global batch and gradient accumulation, fp32, one process.
+
+- kiln: ``pretrain.train.train`` with its default callbacks (NaN guard, throughput, console line; no metrics
+  file / W&B), i.e. the DeepSpeed engine (ZeRO stage as in the recipe) on a 1-rank gloo group;
+- plain: ``for step: for micro-batch: loss = model(...) / n_micro; loss.backward()``, then
+  ``clip_grad_norm_``, ``torch.optim.AdamW.step()``, ``zero_grad(set_to_none=True)``.
+
+The two sides run *paired*: a callback of our trainer runs one plain-loop step right after each trainer step,
+and that time is taken out of the trainer's clock. So step k of each side is measured under the same machine
+load (the 2-core machines this runs on are shared), and the ratio is robust to load changes. A kiln step time
+is the wall time from the end of the previous step's hooks to the end of this step's hooks (it includes
+everything the loop does: data, engine, callbacks); a plain step time covers data, forward/backward, clip and
+optimizer step. tokens/s = global batch x seq / median step time over the timed steps (after ``--warmup``
+steps of each of ``--rounds`` fresh runs); the headline ratio is the ratio of those medians, and the median of
+the per-step paired ratios is reported next to it. The per-step losses of the two sides are compared too:
+they agree (same model, data and update rule), so both loops really do the same work.
+
+GPU (only when ``torch.cuda.is_available()``): our trainer on a ~1B Llama (hidden 2048, 16 layers, 32 heads,
+8 KV heads, FFN 8192, vocab 128256, tied) at seq 4096, bf16, and the MFU from
+``pretrain.callbacks.flops_per_token`` (causal attention FLOPs) and ``peak_flops_per_device("bfloat16")``.
+Without a GPU this part is reported as not run.
+
+Usage (from the repository root):
+
+    python -m benchmarks.train                       # CPU comparison (+ GPU MFU when a GPU is present)
+    python -m benchmarks.train --zero-stage 0        # the DeepSpeed engine without the ZeRO optimizer wrapper
+    python -m benchmarks.train --profile             # also: cProfile of kiln steps, top functions by self time
+
+Results are appended to benchmarks/results/train.md with the command, machine and date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import datetime
+import os
+import platform
+import pstats
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results" / "train.md"
+TINY = str(REPO / "recipes" / "pretrain" / "tiny.yaml")
+RUN_DIR = Path(tempfile.gettempdir()) / "kiln-benchmark-train"  # nothing is logged there (loggers off)
+
+CPU_MODEL = {
+    "vocab_size": 2048,
+    "hidden_size": 256,
+    "intermediate_size": 688,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "head_dim": 64,
+    "max_position_embeddings": 512,
+}
+GPU_MODEL = {  # ~1.24B parameters (Llama-3.2-1B geometry)
+    "vocab_size": 128256,
+    "hidden_size": 2048,
+    "intermediate_size": 8192,
+    "num_hidden_layers": 16,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 64,
+    "max_position_embeddings": 4096,
+    "attention_backend": "auto",
+    "fused_kernels": "true",
+}
+
+
+def make_recipe(model: dict, seq: int, micro: int, global_batch: int, steps: int, zero_stage: int, precision: str):
+    from pretrain.recipe import load_recipe
+
+    overrides = [f"model.{k}={v}" for k, v in model.items()] + [
+        f"synthetic_data.seq_length={seq}",
+        "synthetic_data.documents_per_sample=4",
+        f"parallel.micro_batch={micro}",
+        f"parallel.global_batch={global_batch}",
+        f"parallel.zero_stage={zero_stage}",
+        f"precision={precision}",
+        f"train_steps={steps}",
+        "schedule.warmup_steps=2",
+        "log_interval=1000000",
+        "wandb_mode=disabled",
+        f"run_dir={RUN_DIR}",
+    ]
+    return load_recipe(TINY, overrides)
+
+
+def single_rank_env() -> None:
+    """torchrun's variables for one process, so ``init_parallel`` starts a 1-rank group."""
+    from pretrain.testing import free_port
+
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if _cuda() else "cpu")
+    for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
+        os.environ.setdefault(k, v)
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+
+
+def _clock() -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process, all threads)."""
+    return time.perf_counter(), time.process_time()
+
+
+def _since(start: tuple[float, float]) -> tuple[float, float]:
+    wall, cpu = _clock()
+    return wall - start[0], cpu - start[1]
+
+
+def _sync() -> None:
+    """Wait for queued GPU work, so that a step's time includes its kernels (no-op on CPU)."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+class StepClock:
+    """Callback: wall time between consecutive step ends (the first step is timed from ``on_train_start``)."""
+
+    def __init__(self):
+        from pretrain.callbacks.base import Callback
+
+        clock = self
+
+        class _CB(Callback):
+            def on_train_start(self, state):
+                clock.last = time.perf_counter()
+
+            def on_step_end(self, state, metrics):
+                _sync()
+                now = time.perf_counter()
+                clock.times.append(now - clock.last)
+                clock.losses.append(float(metrics["loss"]))
+                clock.metrics.append(dict(metrics))
+                clock.last = now
+
+        self.times: list[float] = []
+        self.losses: list[float] = []
+        self.metrics: list[dict] = []
+        self.last = 0.0
+        self.callback = _CB()
+
+
+def run_kiln(recipe, dataset, ctx, profile: cProfile.Profile | None = None) -> StepClock:
+    from pretrain.engine import TrainEngine
+    from pretrain.train import train
+
+    engine = TrainEngine(recipe, ctx)
+    clock = StepClock()
+    if profile is not None:
+        profile.enable()
+    train(recipe, [clock.callback], dataset=dataset, ctx=ctx, loggers=False, engine=engine)
+    if profile is not None:
+        profile.disable()
+    return clock
+
+
+class PlainLoop:
+    """The reference loop: same model, data, micro-batching, AdamW, clipping and LR schedule; nothing else."""
+
+    def __init__(self, recipe, dataset, device):
+        import torch
+
+        from parallel.zero import weight_decay_groups
+        from pretrain.model import KilnLlama
+        from pretrain.schedule import LRSchedule
+
+        self.recipe, self.dataset = recipe, dataset
+        self.device = device
+        self.model = KilnLlama(recipe.model, tp_group=None, init_seed=recipe.seed).to(device)
+        opt = recipe.optimizer
+        self.optimizer = torch.optim.AdamW(
+            weight_decay_groups(self.model.named_parameters(), opt.weight_decay),
+            lr=opt.lr,
+            betas=opt.betas,
+            eps=opt.eps,
+        )
+        self.schedule = LRSchedule(recipe.schedule, opt.lr, recipe.train_steps)
+        self.step_index, self.consumed = 0, 0
+        self.times: list[float] = []
+        self.losses: list[float] = []
+
+    def step(self) -> None:
+        import torch
+
+        from pretrain.engine.batches import local_micro_batches
+
+        start = _clock()
+        micro, gb = self.recipe.parallel.micro_batch, self.recipe.parallel.global_batch
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.schedule(self.step_index)
+        batches = local_micro_batches(self.dataset, self.consumed, gb, micro, 0, 1)
+        total = 0.0
+        for mb in batches:
+            mb = {k: v.to(self.device, non_blocking=True) for k, v in mb.items()}
+            loss = self.model(
+                mb["input_ids"],
+                position_ids=mb["position_ids"],
+                segment_ids=mb.get("segment_ids"),
+                labels=mb["labels"],
+                loss_mask=mb["loss_mask"],
+            )
+            (loss / len(batches)).backward()
+            total += float(loss.detach())
+        clip = self.recipe.optimizer.clip_grad
+        if clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        _sync()
+        self.consumed += gb
+        self.step_index += 1
+        self.times.append(_since(start))
+        self.losses.append(total / len(batches))
+
+
+def run_paired(
+    recipe, dataset, ctx, profile: cProfile.Profile | None = None, skip_dp1_allreduce: bool = False
+) -> tuple[list, list, list, list]:
+    """Our trainer, with one plain-loop step run right after each of its steps (inside a callback whose time
+    is taken out of the trainer's clock): each pair of step times is measured under the same machine load.
+    Returns (kiln step times, plain step times, kiln losses, plain losses)."""
+    from pretrain.callbacks.base import Callback
+    from pretrain.engine import TrainEngine
+    from pretrain.train import train
+
+    plain = PlainLoop(recipe, dataset, ctx.device)
+    kiln_times: list[float] = []
+    kiln_losses: list[float] = []
+
+    class Paired(Callback):
+        def on_train_start(self, state):
+            self.last = _clock()
+
+        def on_step_end(self, state, metrics):
+            _sync()
+            kiln_times.append(_since(self.last))
+            kiln_losses.append(float(metrics["loss"]))
+            if profile is not None:
+                profile.disable()
+            plain.step()
+            if profile is not None:
+                profile.enable()
+            self.last = _clock()
+
+    engine = TrainEngine(recipe, ctx)
+    if skip_dp1_allreduce:
+        # the fix proposed in benchmarks/results/train.md, tried from outside the engine: at DP = 1 there is
+        # nothing to all-reduce (ZeRO 0 only: ZeRO 1/2 move the gradients into their partitions in that hook)
+        if ctx.layout.dp != 1 or recipe.parallel.zero_stage != 0:
+            raise ValueError("--skip-dp1-allreduce needs DP = 1 and --zero-stage 0")
+        engine.engine.enable_backward_allreduce = False
+    if profile is not None:
+        profile.enable()
+    train(recipe, [Paired()], dataset=dataset, ctx=ctx, loggers=False, engine=engine)
+    if profile is not None:
+        profile.disable()
+    return kiln_times, plain.times, kiln_losses, plain.losses
+
+
+def cpu_comparison(args) -> dict:
+    import torch
+
+    from parallel.topology import destroy_parallel, init_parallel
+    from pretrain.engine.batches import SyntheticTokens
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    steps = args.warmup + args.steps
+    recipe = make_recipe(CPU_MODEL, args.seq, args.micro_batch, args.global_batch, steps, args.zero_stage, "fp32")
+    s = recipe.synthetic_data
+    dataset = SyntheticTokens(recipe.model.vocab_size, s.seq_length, s.seed, s.documents_per_sample)
+    single_rank_env()
+    ctx = init_parallel(recipe.layout(1), timeout_s=600)
+    times: dict[str, list[tuple[float, float]]] = {"kiln": [], "plain": []}
+    ratios: list[float] = []
+    losses: dict[str, list[float]] = {}
+    profile = cProfile.Profile() if args.profile else None
+    try:
+        for r in range(args.rounds):
+            kt, pt, kl, pl = run_paired(recipe, dataset, ctx, profile, args.skip_dp1_allreduce)
+            kt, pt = kt[args.warmup :], pt[args.warmup :]
+            times["kiln"] += kt
+            times["plain"] += pt
+            ratios += [p[0] / k[0] for k, p in zip(kt, pt)]
+            losses.setdefault("kiln", kl)
+            losses.setdefault("plain", pl)
+            kw, pw = statistics.median(t[0] for t in kt), statistics.median(t[0] for t in pt)
+            print(f"round {r}: median wall step kiln {kw:.4f}s plain {pw:.4f}s", flush=True)
+    finally:
+        destroy_parallel()
+    tokens = recipe.parallel.global_batch * recipe.seq_length
+    out = {
+        "recipe": recipe,
+        "tokens_per_step": tokens,
+        "threads": torch.get_num_threads(),
+        "skip_dp1_allreduce": args.skip_dp1_allreduce,
+        "device": "CPU" if ctx.device.type == "cpu" else f"GPU ({torch.cuda.get_device_name()}, fp32)",
+        "max_loss_rel_diff": max(abs(a - b) / abs(b) for a, b in zip(losses["kiln"], losses["plain"])),
+    }
+    for side, t in times.items():
+        wall, cpu = [w for w, _ in t], [c for _, c in t]
+        med, cpu_med = statistics.median(wall), statistics.median(cpu)
+        out[side] = {
+            "median_s": med,
+            "tokens_per_s": tokens / med,
+            "n": len(t),
+            "min_s": min(wall),
+            "max_s": max(wall),
+            "cpu_median_s": cpu_med,
+            "tokens_per_cpu_s": tokens / cpu_med,
+        }
+    out["ratio"] = out["kiln"]["tokens_per_s"] / out["plain"]["tokens_per_s"]
+    out["cpu_ratio"] = out["kiln"]["tokens_per_cpu_s"] / out["plain"]["tokens_per_cpu_s"]
+    out["paired_ratio"] = statistics.median(ratios)
+    if profile is not None:
+        stats = pstats.Stats(profile)
+        import io
+
+        buf = io.StringIO()
+        stats.stream = buf
+        stats.sort_stats("cumulative").print_stats("deepspeed|pretrain|parallel", 40)
+        stats.sort_stats("tottime").print_stats(25)
+        out["profile"] = buf.getvalue()
+    return out
+
+
+def gpu_mfu(args) -> dict:
+    """~1B model at seq 4096, bf16, 1 GPU: tokens/s and MFU of our trainer (median of the timed steps)."""
+    from parallel.topology import destroy_parallel, init_parallel
+    from pretrain.callbacks.flops import flops_per_token, peak_flops_per_device
+    from pretrain.engine.batches import SyntheticTokens
+
+    steps = args.warmup + args.gpu_steps
+    recipe = make_recipe(GPU_MODEL, 4096, args.gpu_micro_batch, args.gpu_global_batch, steps, 1, "bf16")
+    if args.gpu_activation_checkpointing:
+        recipe.parallel.activation_checkpointing = True
+    s = recipe.synthetic_data
+    dataset = SyntheticTokens(recipe.model.vocab_size, s.seq_length, s.seed, s.documents_per_sample)
+    single_rank_env()
+    ctx = init_parallel(recipe.layout(1), timeout_s=600)
+    try:
+        clock = run_kiln(recipe, dataset, ctx)
+    finally:
+        destroy_parallel()
+    import torch
+
+    med = statistics.median(clock.times[args.warmup :])
+    tokens = recipe.parallel.global_batch * recipe.seq_length
+    fpt = flops_per_token(recipe.model, recipe.seq_length, causal=True)
+    peak = peak_flops_per_device("bfloat16")
+    tps = tokens / med
+    return {
+        "device": torch.cuda.get_device_name(),
+        "recipe": recipe,
+        "median_s": med,
+        "tokens_per_s": tps,
+        "tflops": tps * fpt / 1e12,
+        "mfu": tps * fpt / peak if peak else None,
+        "peak": peak,
+        "flops_per_token": fpt,
+        "max_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
+    }
+
+
+def report(cmd: str, cpu: dict, gpu: dict | None, gpu_reason: str) -> str:
+    import deepspeed
+    import torch
+
+    r, m = cpu["recipe"], cpu["recipe"].model
+    n_params = (
+        m.vocab_size * m.hidden_size
+        + m.num_hidden_layers
+        * (
+            m.hidden_size * m.head_dim * (m.num_attention_heads * 2 + m.num_key_value_heads * 2)
+            + 3 * m.hidden_size * m.intermediate_size
+            + 2 * m.hidden_size
+        )
+        + m.hidden_size
+    )
+    lines = [
+        f"## {datetime.datetime.now():%Y-%m-%d %H:%M} — {platform.node() or 'machine'}: "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+        "",
+        f"Command: `{cmd}`",
+        f"torch {torch.__version__} ({cpu['threads']} threads), deepspeed {deepspeed.__version__}, "
+        f"Python {platform.python_version()}.",
+        "",
+        f"### {cpu['device']}: kiln trainer (1 rank) vs plain PyTorch loop",
+        "",
+        f"Model: KilnLlama hidden {m.hidden_size}, {m.num_hidden_layers} layers, {m.num_attention_heads} heads "
+        f"({m.num_key_value_heads} KV), FFN {m.intermediate_size}, vocab {m.vocab_size}, tied, "
+        f"{n_params / 1e6:.1f}M parameters; fp32; seq {r.seq_length} (4 packed documents per sample); "
+        f"micro-batch {r.parallel.micro_batch}, global batch {r.parallel.global_batch} "
+        f"({cpu['tokens_per_step']} tokens/step, "
+        f"{r.parallel.global_batch // r.parallel.micro_batch} micro-batches); AdamW, clip 1.0; "
+        f"kiln ZeRO stage {r.parallel.zero_stage}"
+        + (", DeepSpeed's DP=1 gradient all-reduce turned off" if cpu["skip_dp1_allreduce"] else "")
+        + ".",
+        "",
+        "| loop | timed steps | median step s (wall) | min s | max s | tokens/s (wall) | median CPU s/step | "
+        "tokens per CPU s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for side in ("plain", "kiln"):
+        s = cpu[side]
+        lines.append(
+            f"| {side} | {s['n']} | {s['median_s']:.4f} | {s['min_s']:.4f} | {s['max_s']:.4f} | "
+            f"{s['tokens_per_s']:,.0f} | {s['cpu_median_s']:.4f} | {s['tokens_per_cpu_s']:,.0f} |"
+        )
+    goal = "meets" if cpu["ratio"] >= 0.95 else "misses"
+    lines += [
+        "",
+        f"Ratio kiln / plain tokens/s: **{cpu['ratio']:.3f}x** ({goal} the >= 0.95x goal); median of the "
+        f"per-step paired ratios: {cpu['paired_ratio']:.3f}x; ratio of CPU time per step (plain / kiln): "
+        f"{cpu['cpu_ratio']:.3f}x. "
+        f"Largest relative difference between the two sides' per-step losses: {cpu['max_loss_rel_diff']:.1e}.",
+        "",
+        "### GPU: MFU of a ~1B model at seq 4096, bf16",
+        "",
+    ]
+    if gpu is None:
+        lines.append(f"Not run: {gpu_reason}.")
+    else:
+        g = gpu["recipe"]
+        mfu = f"{100 * gpu['mfu']:.1f}%" if gpu["mfu"] is not None else "n/a (device not in the peak table)"
+        lines += [
+            f"Device: {gpu['device']} (peak {gpu['peak'] / 1e12 if gpu['peak'] else float('nan'):.0f} TFLOP/s "
+            f"bf16). Micro-batch {g.parallel.micro_batch}, global batch {g.parallel.global_batch}, activation "
+            f"checkpointing {g.parallel.activation_checkpointing}, ZeRO {g.parallel.zero_stage}.",
+            "",
+            f"median step {gpu['median_s']:.3f}s, {gpu['tokens_per_s']:,.0f} tokens/s, "
+            f"{gpu['tflops']:.1f} TFLOP/s, **MFU {mfu}** ({gpu['flops_per_token'] / 1e9:.2f} GFLOP/token), "
+            f"peak memory {gpu['max_memory_gib']:.1f} GiB.",
+        ]
+    lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--micro-batch", type=int, default=4)
+    p.add_argument("--global-batch", type=int, default=8)
+    p.add_argument("--zero-stage", type=int, default=1, help="kiln side's ZeRO stage (the recipes' default: 1)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=20, help="timed steps per round and side")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    p.add_argument(
+        "--skip-dp1-allreduce",
+        action="store_true",
+        help="with --zero-stage 0: turn off DeepSpeed's gradient all-reduce, which has nothing to do at DP = 1",
+    )
+    p.add_argument("--profile", action="store_true", help="cProfile the kiln side, print the top functions")
+    p.add_argument("--gpu-steps", type=int, default=10)
+    p.add_argument("--gpu-micro-batch", type=int, default=1)
+    p.add_argument("--gpu-global-batch", type=int, default=8)
+    p.add_argument("--gpu-activation-checkpointing", action="store_true")
+    p.add_argument("--no-record", action="store_true", help="do not append to benchmarks/results/train.md")
+    args = p.parse_args(argv)
+
+    cpu = cpu_comparison(args)
+    gpu, reason = None, "no CUDA device on this machine (torch.cuda.is_available() is False)"
+    if _cuda():
+        gpu = gpu_mfu(args)
+    text = report(" ".join(["python -m benchmarks.train", *sys.argv[1:]]), cpu, gpu, reason)
+    print(text)
+    if "profile" in cpu:
+        print(cpu["profile"])
+    if not args.no_record:
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        new = not RESULTS.exists()
+        with open(RESULTS, "a") as f:
+            if new:
+                f.write("# Trainer throughput: kiln vs a plain PyTorch loop; GPU MFU\n\n")
+                f.write("Recorded by `benchmarks/train.py` (see its docstring for what each side runs).\n\n")
+            f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

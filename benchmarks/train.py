@@ -263,9 +263,9 @@ def run_paired(
     if skip_dp1_allreduce:
         # the fix proposed in benchmarks/results/train.md, tried from outside the engine: at DP = 1 there is
         # nothing to all-reduce (ZeRO 0 only: ZeRO 1/2 move the gradients into their partitions in that hook)
-        if ctx.layout.dp != 1 or recipe.parallel.zero_stage != 0:
+        if ctx.layout.dp != 1 or engine.zero_stage != 0:
             raise ValueError("--skip-dp1-allreduce needs DP = 1 and --zero-stage 0")
-        engine.engine.enable_backward_allreduce = False
+        engine.engine.enable_backward_allreduce = False  # the engine already does this at DP = 1 (fp32, PP = 1)
     if profile is not None:
         profile.enable()
     train(recipe, [Paired()], dataset=dataset, ctx=ctx, loggers=False, engine=engine)
@@ -410,9 +410,8 @@ def report(cmd: str, cpu: dict, gpu: dict | None, gpu_reason: str) -> str:
         f"micro-batch {r.parallel.micro_batch}, global batch {r.parallel.global_batch} "
         f"({cpu['tokens_per_step']} tokens/step, "
         f"{r.parallel.global_batch // r.parallel.micro_batch} micro-batches); AdamW, clip 1.0; "
-        f"kiln ZeRO stage {r.parallel.zero_stage}"
-        + (", DeepSpeed's DP=1 gradient all-reduce turned off" if cpu["skip_dp1_allreduce"] else "")
-        + ".",
+        f"kiln recipe ZeRO stage {r.parallel.zero_stage} (at DP = 1 the engine runs ZeRO 0 without the 1-rank "
+        "gradient all-reduce and clips itself: parallel.zero.effective_zero_stage)" + ".",
         "",
         "| loop | timed steps | median step s (wall) | min s | max s | tokens/s (wall) | median CPU s/step | "
         "tokens per CPU s |",

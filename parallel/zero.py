@@ -3,7 +3,9 @@
 ZeRO 1 (optimizer state sharded over DP) is the stage that composes with pipeline parallelism; 2 (also
 gradients) and 3 (also parameters) only run without it (``TrainRecipe`` refuses the combination before any
 group starts). The optimizer is DeepSpeed's ``torch_adam`` AdamW, i.e. ``torch.optim.AdamW`` wrapped by ZeRO,
-so a 1-rank run and every layout run the same update rule.
+so a 1-rank run and every layout run the same update rule. A single replica (DP = 1, PP = 1, fp32) runs
+ZeRO 0 whatever stage the recipe asks for (``effective_zero_stage``): nothing to shard, and ZeRO 1 costs a
+copy of every gradient into its flat partition per step.
 
 Gradient clipping is global: DeepSpeed sums squared norms of TP-sharded parameters (those with the megatron
 attribute ``tensor_model_parallel``; ``mark_tensor_parallel_params`` sets it, because megatron's layers only
@@ -23,15 +25,29 @@ from pretrain.model import tp_split_dim
 from pretrain.recipe import Layout, TrainRecipe
 
 
+def single_replica(recipe: TrainRecipe, layout: Layout) -> bool:
+    """One data-parallel replica, no pipeline, fp32: ZeRO has nothing to shard (its stage only adds copies into
+    flat partitions per step), and the engine clips the gradients itself (``TrainEngine``)."""
+    return layout.dp == 1 and layout.pp == 1 and recipe.precision == "fp32"
+
+
+def effective_zero_stage(recipe: TrainRecipe, layout: Layout) -> int:
+    """The ZeRO stage DeepSpeed runs: 0 for a single replica (``single_replica``), else the recipe's. Checkpoints
+    hold the full state under layout-independent names, so a ZeRO-0 one-rank run resumes at DP2 ZeRO 1 and
+    back (``pretrain.engine.state``)."""
+    return 0 if single_replica(recipe, layout) else recipe.parallel.zero_stage
+
+
 def deepspeed_config(recipe: TrainRecipe, layout: Layout, global_batch: int | None = None) -> dict[str, Any]:
     p, opt = recipe.parallel, recipe.optimizer
     global_batch = global_batch or recipe.global_batch_at(0)
     gas = global_batch // (p.micro_batch * layout.dp)
-    zero: dict[str, Any] = {"stage": p.zero_stage}
-    if p.zero_stage == 3:
+    stage = effective_zero_stage(recipe, layout)
+    zero: dict[str, Any] = {"stage": stage}
+    if stage == 3:
         # keep every parameter partitioned (tiny ones too) so that stage 3 is exercised as configured
         zero.update(stage3_param_persistence_threshold=0, stage3_prefetch_bucket_size=0)
-    if p.zero_stage in (1, 2):
+    if stage in (1, 2):
         zero.update(overlap_comm=False, contiguous_gradients=True)
     return {
         "train_batch_size": global_batch,
@@ -48,7 +64,8 @@ def deepspeed_config(recipe: TrainRecipe, layout: Layout, global_batch: int | No
                 "adam_w_mode": True,
             },
         },
-        "gradient_clipping": opt.clip_grad,
+        # a single replica clips in TrainEngine (which also reports the norm); DeepSpeed elsewhere
+        "gradient_clipping": 0.0 if single_replica(recipe, layout) else opt.clip_grad,
         "zero_optimization": zero,
         "bf16": {"enabled": recipe.precision == "bf16"},
         "fp16": {"enabled": False},
@@ -89,4 +106,10 @@ def mark_tensor_parallel_params(
     return sharded
 
 
-__all__ = ["deepspeed_config", "mark_tensor_parallel_params", "weight_decay_groups"]
+__all__ = [
+    "deepspeed_config",
+    "effective_zero_stage",
+    "mark_tensor_parallel_params",
+    "single_replica",
+    "weight_decay_groups",
+]

@@ -154,6 +154,27 @@ class CheckpointConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Held-out loss / perplexity (``val_loss``, ``val_ppl``) every ``interval`` steps (0: off) and at the end of
+    training, on the first ``batches`` global validation batches of ``batch_size`` samples per data-parallel
+    rank (default: ``parallel.micro_batch``). The validation split is the data's (``data.validation_fraction``
+    or ``data.validation``); with ``synthetic_data`` it is a synthetic source of another seed
+    (``synthetic_data.seed + 1``)."""
+
+    interval: int = 0
+    batches: int = 8
+    batch_size: int | None = None
+
+    def validate(self) -> None:
+        if self.interval < 0:
+            raise ConfigError(f"eval.interval must be >= 0 (0: no evaluation), got {self.interval}")
+        if self.batches < 1:
+            raise ConfigError(f"eval.batches must be >= 1, got {self.batches}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ConfigError(f"eval.batch_size must be >= 1 (or null: parallel.micro_batch), got {self.batch_size}")
+
+
+@dataclass
 class TrainRecipe:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -161,6 +182,7 @@ class TrainRecipe:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     batch_rampup: BatchRampupConfig = field(default_factory=BatchRampupConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     # resume=true: from the newest complete checkpoint under checkpoint.dir (none yet: start fresh);
     # resume=<path>: from that checkpoint directory, or the newest complete one under that root.
     resume: bool | str = False
@@ -180,6 +202,7 @@ class TrainRecipe:
     def validate(self) -> None:
         self.model.validate()
         self.checkpoint.validate()
+        self.eval.validate()
         if self.train_steps < 1:
             raise ConfigError(f"train_steps must be >= 1, got {self.train_steps}")
         if self.log_interval < 1:
@@ -294,6 +317,7 @@ def load_recipe(path: str | os.PathLike | None, overrides: list[str] | tuple[str
 __all__ = [
     "BatchRampupConfig",
     "CheckpointConfig",
+    "EvalConfig",
     "Layout",
     "OptimizerConfig",
     "ParallelConfig",

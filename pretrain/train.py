@@ -51,6 +51,25 @@ def build_dataset(recipe: TrainRecipe):
     )
 
 
+def build_validation(recipe: TrainRecipe, dataset):
+    """The held-out split the evaluation reads (``batches(batch_size, max_batches, dp_rank, dp_size)``): the
+    data's validation split, or for synthetic data the same generator under ``synthetic_data.seed + 1``."""
+    if recipe.synthetic_data is not None and getattr(dataset, "validation", None) is None:
+        from pretrain.engine.batches import SyntheticTokens, SyntheticValidation
+
+        s = recipe.synthetic_data
+        return SyntheticValidation(
+            SyntheticTokens(recipe.model.vocab_size, s.seq_length, s.seed + 1, s.documents_per_sample)
+        )
+    validation = getattr(dataset, "validation", None)
+    if validation is None:
+        raise ConfigError(
+            f"eval.interval={recipe.eval.interval} needs a validation split: set data.validation_fraction or "
+            "data.validation in the recipe (or eval.interval=0)"
+        )
+    return validation
+
+
 def default_callbacks(recipe: TrainRecipe, ctx, loggers: bool = True) -> list[Callback]:
     """NaN guard, throughput (tokens/s, TFLOP/s, MFU on GPU) and the console line; with ``loggers`` also the
     metrics file and W&B (offline unless the recipe says otherwise) under ``run_dir``."""
@@ -202,6 +221,7 @@ def train(
     from pretrain.schedule import LRSchedule
 
     dataset = dataset if dataset is not None else build_dataset(recipe)  # bad paths fail before any group
+    validation = build_validation(recipe, dataset) if recipe.eval.interval > 0 else None
     resume_from = resolve_resume(recipe)  # a bad resume path fails before any group too
     if ctx is None:
         layout = recipe.layout(int(os.environ.get("WORLD_SIZE", "1")))
@@ -222,17 +242,29 @@ def train(
         restore_checkpoint(resume_from, engine, state, ctx)
     ck = recipe.checkpoint
     manager = CheckpointManager(recipe.checkpoint_dir, keep_last=ck.keep_last)
+    hooks = CallbackList([*default_callbacks(recipe, ctx, loggers), *callbacks])
+    evaluator = None
+    if validation is not None:
+        from pretrain.callbacks.evaluation import EngineEvaluator, validation_batches
+
+        ev = recipe.eval
+        batches = validation_batches(validation, ev.batch_size or recipe.parallel.micro_batch, ctx, ev.batches)
+        # last, so that its on_eval reaches every callback (console, metrics file, W&B) after the step's metrics;
+        # the evaluation at the end runs in the loop before the callbacks' on_train_end (which close the loggers)
+        evaluator = EngineEvaluator(engine, batches, interval=ev.interval, sink=hooks, at_end=False)
+        hooks.append(evaluator)
     handler = install_preemption_handler(state) if threading.current_thread() is threading.main_thread() else None
     try:
         _loop(
             recipe,
-            CallbackList([*default_callbacks(recipe, ctx, loggers), *callbacks]),
+            hooks,
             dataset,
             ctx,
             engine,
             schedule,
             state,
             manager,
+            evaluator,
         )
     finally:
         if handler is not None:
@@ -240,7 +272,9 @@ def train(
     return state
 
 
-def _loop(recipe: TrainRecipe, hooks: CallbackList, dataset, ctx, engine, schedule, state, manager) -> None:
+def _loop(
+    recipe: TrainRecipe, hooks: CallbackList, dataset, ctx, engine, schedule, state, manager, evaluator=None
+) -> None:
     from pretrain.engine import local_micro_batches
 
     layout, p, ck = ctx.layout, recipe.parallel, recipe.checkpoint
@@ -262,14 +296,20 @@ def _loop(recipe: TrainRecipe, hooks: CallbackList, dataset, ctx, engine, schedu
         _agree_on_flags(state, ctx)
         periodic = ck.interval > 0 and state.step % ck.interval == 0
         final = ck.save_final and ck.interval > 0 and state.step == recipe.train_steps
-        if state.should_save or periodic or final:
+        # a run stopped by NanGuard (exit code 1) keeps the checkpoints from before its bad steps
+        if state.exit_code == 0 and (state.should_save or periodic or final):
             save_train_checkpoint(manager, recipe, engine, state, ctx)
             state.should_save = False
             last_saved = state.step
     _agree_on_flags(state, ctx)
-    if state.should_save and last_saved != state.step:  # e.g. a signal that arrived during the last step
+    if (
+        state.exit_code == 0 and state.should_save and last_saved != state.step
+    ):  # e.g. a signal that arrived during the last step
         save_train_checkpoint(manager, recipe, engine, state, ctx)
         state.should_save = False
+    if evaluator is not None and state.step > 0 and state.exit_code == 0:
+        if not evaluator.history or evaluator.history[-1][0] != state.step:
+            evaluator.run(state)  # the final held-out loss, unless the last step was just evaluated
     hooks.on_train_end(state)
 
 

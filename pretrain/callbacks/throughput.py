@@ -106,6 +106,17 @@ class ConsoleLogger(Callback):
             self.print_fn(line)
         self._reset()
 
+    def on_eval(self, state: TrainState, metrics: dict[str, Any]) -> None:
+        if not state.is_main or "val_loss" not in metrics:
+            return
+        line = f"eval step {state.step} | val_loss {float(metrics['val_loss']):.4f}"
+        if "val_ppl" in metrics:
+            line += f" | val_ppl {float(metrics['val_ppl']):.3f}"
+        if "val_tokens" in metrics:
+            line += f" | tokens {int(metrics['val_tokens']):,}"
+        self.lines.append(line)
+        self.print_fn(line)
+
     def format(self, state: TrainState, metrics: dict[str, Any]) -> str:
         total = f"/{state.total_steps}" if state.total_steps else ""
         parts = [f"step {state.step}{total}"]

@@ -71,4 +71,20 @@ def collate_indices(dataset, indices: Sequence[int]) -> dict[str, torch.Tensor]:
     return collate([dataset[int(i)] for i in indices])
 
 
-__all__ = ["SyntheticTokens", "collate_indices", "local_micro_batches"]
+class SyntheticValidation:
+    """A held-out split for synthetic runs: the samples of ``SyntheticTokens`` under another seed, in order,
+    with ``PretrainData.validation``'s ``batches`` interface (the same global batches at every DP size)."""
+
+    def __init__(self, source: SyntheticTokens):
+        self.source = source
+
+    def batches(self, batch_size: int, max_batches: int | None = None, dp_rank: int = 0, dp_size: int = 1):
+        if max_batches is None:
+            raise ValueError("synthetic validation data is unbounded: give max_batches")
+        global_batch = batch_size * dp_size
+        for b in range(max_batches):
+            start = b * global_batch + dp_rank * batch_size
+            yield collate_indices(self.source, range(start, start + batch_size))
+
+
+__all__ = ["SyntheticTokens", "SyntheticValidation", "collate_indices", "local_micro_batches"]

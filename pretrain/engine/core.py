@@ -8,6 +8,22 @@
   the micro-batches from an iterator on the first and last stage.
 
 Either way the step's loss is the mean of the micro-batch losses of the whole global batch, on every rank.
+
+A single replica (DP = 1, PP = 1, fp32) runs ZeRO 0 whatever stage the recipe asks for, without DeepSpeed's
+(1-rank) backward all-reduce, and clips the gradients here so that ``grad_norm`` is reported
+(``parallel.zero.effective_zero_stage``).
+
+NaN/inf loss (``NanGuard`` counts it, marks the step skipped, stops after ``max_nan_steps``):
+
+* PP = 1: the step's loss is reduced over DP before the last micro-batch's ``engine.step()`` (the
+  accumulation boundary); a non-finite one skips the update on every rank alike (``_skip_update``: the
+  gradients are dropped where DeepSpeed keeps them at ZeRO 0/1/2/3, the weights and AdamW state are untouched,
+  DeepSpeed's micro/global step counters advance as for its own overflow skip). ``metrics["skip"]`` is set.
+* PP > 1: DeepSpeed's ``PipelineEngine.train_batch`` runs forward, backward and the optimizer step in one call,
+  and the loss reaches the loop only after the update, so kiln does not suppress it: the step is counted and
+  reported as skipped and the run stops after ``max_nan_steps``, but whether the weights change is DeepSpeed's
+  (by reading its code, not tested here: its ZeRO-1 optimizer in fp32 skips a step whose gradient norm is
+  non-finite; at ZeRO 0 the update is applied). Checkpoints are not written once NanGuard stops the run.
 """
 
 from __future__ import annotations
@@ -21,7 +37,13 @@ import torch.distributed as dist
 
 from parallel.pipeline import build_pipeline, model_param_name
 from parallel.topology import ParallelContext
-from parallel.zero import deepspeed_config, mark_tensor_parallel_params, weight_decay_groups
+from parallel.zero import (
+    deepspeed_config,
+    effective_zero_stage,
+    mark_tensor_parallel_params,
+    single_replica,
+    weight_decay_groups,
+)
 from pretrain.model import KilnLlama, positions_from_segments, tp_split_dim
 from pretrain.recipe import TrainRecipe
 
@@ -30,10 +52,14 @@ class TrainEngine:
     def __init__(self, recipe: TrainRecipe, ctx: ParallelContext):
         import deepspeed
 
+        self._own_grad_norm: float | None = None
         self.recipe, self.ctx, self.cfg = recipe, ctx, recipe.model
         self.pipelined = ctx.layout.pp > 1
         self.global_batch = recipe.global_batch_at(0)
         ds_config = deepspeed_config(recipe, ctx.layout, self.global_batch)
+        self.zero_stage = effective_zero_stage(recipe, ctx.layout)
+        # one replica (DP = 1, PP = 1, fp32): ZeRO 0, no backward all-reduce (over one rank), our own clipping
+        self.single_replica = single_replica(recipe, ctx.layout)
         if self.pipelined:
             self.module = build_pipeline(
                 self.cfg,
@@ -49,7 +75,7 @@ class TrainEngine:
             self.module = KilnLlama(self.cfg, tp_group=ctx.tp_group, init_seed=recipe.seed)
             if recipe.parallel.activation_checkpointing:
                 checkpoint_layers(self.module)
-            if recipe.parallel.zero_stage == 3 and self.cfg.tie_word_embeddings:
+            if self.zero_stage == 3 and self.cfg.tie_word_embeddings:
                 # ZeRO-3 gathers a parameter for the module that owns it; the tied head reads the embedding's
                 # weight from another module, which must be declared.
                 deepspeed.zero.register_external_parameter(self.module, self.module.embed_tokens.weight)
@@ -58,6 +84,8 @@ class TrainEngine:
             self.engine, *_ = deepspeed.initialize(
                 model=self.module, model_parameters=groups, config=ds_config, mpu=ctx.mpu
             )
+            if self.single_replica:
+                self.engine.enable_backward_allreduce = False
 
     # --- one step ---
 
@@ -71,12 +99,21 @@ class TrainEngine:
         if len(micro_batches) != expected:
             raise ValueError(f"got {len(micro_batches)} micro-batches, the engine expects {expected}")
         self.set_lr(lr)
+        self._own_grad_norm = None
         if self.pipelined:
-            loss = self._pipeline_step(micro_batches)
+            loss, skipped = self._pipeline_step(micro_batches), False
         else:
-            loss = self._plain_step(micro_batches)
-        grad_norm = self.engine.get_global_grad_norm()
-        return {"loss": loss, "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"), "lr": lr}
+            loss, skipped = self._plain_step(micro_batches)
+        if skipped:
+            grad_norm = None
+        elif self._own_grad_norm is not None:
+            grad_norm = self._own_grad_norm
+        else:
+            grad_norm = self.engine.get_global_grad_norm()
+        metrics = {"loss": loss, "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"), "lr": lr}
+        if skipped:
+            metrics["skip"] = True
+        return metrics
 
     def set_lr(self, lr: float) -> None:
         for group in self.engine.optimizer.param_groups:
@@ -85,9 +122,13 @@ class TrainEngine:
     def current_lr(self) -> float:
         return float(self.engine.optimizer.param_groups[0]["lr"])
 
-    def _plain_step(self, micro_batches) -> float:
+    def _plain_step(self, micro_batches) -> tuple[float, bool]:
+        """Forward/backward every micro-batch; the step's loss (mean over the global batch, reduced over DP
+        before the last ``engine.step()``) decides the update: a non-finite one skips it (``_skip_update``), on
+        every rank alike. Returns (loss, skipped)."""
         total = torch.zeros((), dtype=torch.float64)
-        for mb in micro_batches:
+        last = len(micro_batches) - 1
+        for i, mb in enumerate(micro_batches):
             mb = self._to_device(mb)
             segment_ids = mb.get("segment_ids") if self.cfg.document_masking else None
             loss = self.engine(
@@ -98,14 +139,79 @@ class TrainEngine:
                 loss_mask=mb.get("loss_mask"),
             )
             self.engine.backward(loss)
-            self.engine.step()
             total += loss.detach().double().cpu()
+            if i < last:
+                self.engine.step()  # not the accumulation boundary: only DeepSpeed's micro-step counter
         total /= len(micro_batches)
         if self.ctx.layout.dp > 1:
             total = total.to(self.ctx.device)
             dist.all_reduce(total, group=self.ctx.dp_group)
             total = total.cpu() / self.ctx.layout.dp
+        if torch.isfinite(total):
+            if self.single_replica:
+                self._own_grad_norm = self._clip_gradients()
+            self.engine.step()
+            return float(total), False
+        self._skip_update()
+        return float(total), True
+
+    @torch.no_grad()
+    def _clip_gradients(self) -> float:
+        """A single replica's global gradient-norm clip (DeepSpeed's is off there): the norm over every TP shard
+        (TP-split parameters on every TP rank, replicated ones on TP rank 0 only, summed over the TP group),
+        then ``torch.nn.utils.clip_grad_norm_``'s rule. Returns the norm before clipping."""
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        if not params:
+            return 0.0
+        tp = self.ctx.layout.tp
+        counted = [
+            p.grad for p in params if tp == 1 or getattr(p, "tensor_model_parallel", False) or self.ctx.tp_rank == 0
+        ]
+        norms = torch._foreach_norm(counted) if counted else [torch.zeros((), device=self.ctx.device)]
+        total = torch.linalg.vector_norm(torch.stack(norms))
+        if tp > 1:
+            squares = total.double().pow(2)
+            dist.all_reduce(squares, group=self.ctx.tp_group)
+            total = squares.sqrt().float()
+        max_norm = self.recipe.optimizer.clip_grad
+        if max_norm > 0:
+            coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+            torch._foreach_mul_([p.grad for p in params], coef)
         return float(total)
+
+    def _skip_update(self) -> None:
+        """The accumulation boundary without the optimizer update (PP = 1): drop this step's gradients where
+        DeepSpeed keeps them (the module's ``.grad`` at ZeRO 0; also the reduced partitions at ZeRO 1/2/3, as
+        DeepSpeed's own overflow skip does) and advance the engine's counters as a skipped step, so that the
+        next step starts from clean gradients and the accumulation boundary stays where DeepSpeed expects it.
+        The AdamW state (moments, step count) and the weights are untouched."""
+        ds = self.engine
+        if not ds.is_gradient_accumulation_boundary():
+            raise RuntimeError("internal: _skip_update outside the gradient-accumulation boundary")
+        stage = ds.zero_optimization_stage()
+        if stage == 0:
+            ds.zero_grad()
+            self.module.zero_grad(set_to_none=True)
+        else:
+            opt = ds.optimizer
+            opt.zero_grad(set_to_none=True)
+            if stage in (1, 2):
+                release = getattr(opt, "_release_preflattened_grad_buffers", None)
+                if release is not None:
+                    release()
+                if getattr(opt, "cpu_offload", False):
+                    opt.reset_cpu_buffers()
+                else:
+                    for k in list(opt.averaged_gradients.keys()):
+                        opt.averaged_gradients[k] = None
+                opt.micro_step_id = -1  # deepspeed.runtime.zero.stage_1_and_2.INITIAL_MICRO_STEP_ID
+            else:
+                opt.averaged_gradients = {}
+        ds._step_applied = False
+        ds.skipped_steps += 1
+        ds.global_steps += 1
+        ds.global_samples += ds.train_batch_size()
+        ds.micro_steps += 1
 
     def _pipeline_step(self, micro_batches) -> float:
         items = [self.pipeline_inputs(mb) for mb in micro_batches]
@@ -145,7 +251,7 @@ class TrainEngine:
         n_layers, tp = self.cfg.num_hidden_layers, self.ctx.layout.tp
         named = list(self.module.named_parameters())
         local: dict[str, torch.Tensor] = {}
-        with deepspeed.zero.GatheredParameters([p for _, p in named], enabled=self.recipe.parallel.zero_stage == 3):
+        with deepspeed.zero.GatheredParameters([p for _, p in named], enabled=self.zero_stage == 3):
             for name, p in named:
                 name = model_param_name(name, n_layers) if self.pipelined else name
                 if name in local:  # the tied embedding's second copy on the last stage

@@ -95,11 +95,10 @@ def union_find(u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return nodes, nodes[parent]
 
 
-class FindDuplicatePairs(PipelineStep):
-    """Stage A: candidate duplicate pairs for one key (exact / url / MinHash band) and one hash-range slice."""
+class _DedupStage(PipelineStep):
+    """What both middle stages are built from: the config, the signatures folder and the key layout."""
 
     type = "🫂 - DEDUP"
-    name = "🔗 dedup pairs"
 
     def __init__(self, cfg: DedupConfig, folder: str | os.PathLike, num_input_tasks: int):
         super().__init__()
@@ -109,6 +108,12 @@ class FindDuplicatePairs(PipelineStep):
         self.num_input_tasks = num_input_tasks
         self.keys = keys_for(cfg)
         self.workers = cfg.minhash.workers_per_bucket if cfg.minhash is not None else 1
+
+
+class FindDuplicatePairs(_DedupStage):
+    """Stage A: candidate duplicate pairs for one key (exact / url / MinHash band) and one hash-range slice."""
+
+    name = "🔗 dedup pairs"
 
     @property
     def num_tasks(self) -> int:
@@ -214,7 +219,7 @@ class FindDuplicatePairs(PipelineStep):
             logger.info(f"dedup key {key} slice {worker}/{self.workers}: {len(members)} pairs")
 
 
-class ClusterDuplicates(PipelineStep):
+class ClusterDuplicates(_DedupStage):
     """Stage B (one task): union exact, URL and MinHash pairs; write per-rank removal lists with reasons.
 
     Reason precedence exact > url > minhash: a dropped document is an ``exact_duplicate`` if its component under
@@ -223,17 +228,7 @@ class ClusterDuplicates(PipelineStep):
     component under all pairs, which is the one document of that component that is not dropped.
     """
 
-    type = "🫂 - DEDUP"
     name = "🧩 dedup clusters"
-
-    def __init__(self, cfg: DedupConfig, folder: str | os.PathLike, num_input_tasks: int):
-        super().__init__()
-        cfg.validate()
-        self.cfg = cfg
-        self.folder = os.fspath(folder)
-        self.num_input_tasks = num_input_tasks
-        self.keys = keys_for(cfg)
-        self.workers = cfg.minhash.workers_per_bucket if cfg.minhash is not None else 1
 
     def _pair_files(self, kind: str) -> list[Path]:
         files = []

@@ -58,6 +58,10 @@ class Tokenizer(ABC):
 
     path: str
     kind: str
+    # Special ids, resolved by each implementation's constructor.
+    _bos: int
+    _eos: int
+    _pad: int | None
 
     @property
     @abstractmethod
@@ -65,16 +69,16 @@ class Tokenizer(ABC):
         """Number of ids, added/special tokens included (the embedding table needs at least this many rows)."""
 
     @property
-    @abstractmethod
-    def bos_id(self) -> int: ...
+    def bos_id(self) -> int:
+        return self._bos
 
     @property
-    @abstractmethod
-    def eos_id(self) -> int: ...
+    def eos_id(self) -> int:
+        return self._eos
 
     @property
-    @abstractmethod
-    def pad_id(self) -> int | None: ...
+    def pad_id(self) -> int | None:
+        return self._pad
 
     @abstractmethod
     def encode_batch(self, texts: Sequence[str], num_threads: int = 1) -> list[list[int]]:
@@ -171,18 +175,6 @@ class SentencePieceTokenizer(Tokenizer):
     def vocab_size(self) -> int:
         return self._sp.get_piece_size()
 
-    @property
-    def bos_id(self) -> int:
-        return self._bos
-
-    @property
-    def eos_id(self) -> int:
-        return self._eos
-
-    @property
-    def pad_id(self) -> int | None:
-        return self._pad
-
     def encode_batch(self, texts: Sequence[str], num_threads: int = 1) -> list[list[int]]:
         texts = list(texts)
         out = self._sp.encode(texts, num_threads=num_threads)
@@ -261,18 +253,6 @@ class HFTokenizer(Tokenizer):
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
-
-    @property
-    def bos_id(self) -> int:
-        return self._bos
-
-    @property
-    def eos_id(self) -> int:
-        return self._eos
-
-    @property
-    def pad_id(self) -> int | None:
-        return self._pad
 
     def encode_batch(self, texts: Sequence[str], num_threads: int = 1) -> list[list[int]]:
         # tokenizers parallelises batches itself (RAYON_NUM_THREADS); num_threads is sentencepiece's knob.

@@ -5,7 +5,7 @@ filters; language ID through our offline filter on both sides, because datatrove
 its fastText model at run time and there is no network here), then exact dedup and MinHash-LSH dedup (word
 5-grams, 14 buckets x 8 hashes). URL dedup is off on our side: datatrove 0.10.1 ships no URL dedup step.
 
-- Kiln: `data_pipeline.runner` with the recipe below (one read, signatures computed in the filtering pass).
+- Kiln: `kiln.data_pipeline.runner` with the recipe below (one read, signatures computed in the filtering pass).
 - datatrove: the FineWeb-example layout: filter -> write; read -> MinhashDedupSignature; MinhashDedupBuckets;
   MinhashDedupCluster; read -> MinhashDedupFilter -> write; read -> ExactDedupSignature; ExactFindDedups;
   read -> ExactDedupFilter -> write.
@@ -51,7 +51,8 @@ MINHASH = {"ngram": 5, "buckets": 14, "hashes_per_bucket": 8}
 
 def build_recipe(inp: Path, work: Path, tasks: int, workers: int):
     """Our recipe for the benchmark; the datatrove side builds its filters from the same configs."""
-    from data_pipeline.recipe import DataRecipe
+    from kiln.data_pipeline.recipe import DataRecipe
+
     from kiln.config import build_dataclass
 
     return build_dataclass(
@@ -70,8 +71,8 @@ def build_recipe(inp: Path, work: Path, tasks: int, workers: int):
 
 
 def run_kiln(inp: Path, work: Path, tasks: int, workers: int) -> int:
-    from data_pipeline.accounting import build_report
-    from data_pipeline.runner import run_recipe
+    from kiln.data_pipeline.accounting import build_report
+    from kiln.data_pipeline.runner import run_recipe
 
     run_recipe(build_recipe(inp, work, tasks, workers))
     return build_report(work / "kiln").kept
@@ -97,9 +98,8 @@ def run_datatrove(inp: Path, work: Path, tasks: int, workers: int) -> int:
     from datatrove.pipeline.dedup.minhash import MinhashConfig
     from datatrove.pipeline.readers import JsonlReader
     from datatrove.pipeline.writers import JsonlWriter
-
-    from data_pipeline.filters import build_filter
-    from data_pipeline.runner import iter_output
+    from kiln.data_pipeline.filters import build_filter
+    from kiln.data_pipeline.runner import iter_output
 
     filters = [build_filter(cfg) for cfg in build_recipe(inp, work, tasks, workers).filters]
     d = work / "datatrove"

@@ -61,15 +61,16 @@ if ARGS is not None:
         os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-import kernels  # noqa: E402
-from kernels._attention import flash_attn_available  # noqa: E402
-from kernels.reference import (  # noqa: E402
+from kiln.kernels._attention import flash_attn_available  # noqa: E402
+from kiln.kernels.reference import (  # noqa: E402
     apply_rope_ref,
     attention_ref,
     cross_entropy_ref,
     rms_norm_ref,
     swiglu_ref,
 )
+
+from kiln import kernels  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------------------
 # timing

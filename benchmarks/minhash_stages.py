@@ -105,8 +105,7 @@ def compare_minhash(docs: list[Document], workdir: str, tasks: int = 1) -> dict:
     """Time each MinHash stage of datatrove and of ours on ``docs`` split over ``tasks`` ranks (run in turn)."""
     from datatrove.pipeline.dedup.minhash import MinhashConfig as DatatroveMinhashConfig
     from datatrove.pipeline.dedup.minhash import MinhashDedupBuckets, MinhashDedupCluster, MinhashDedupSignature
-
-    from data_pipeline.dedup import DedupConfig, DedupSignatures, MinhashConfig, find_duplicate_stages
+    from kiln.data_pipeline.dedup import DedupConfig, DedupSignatures, MinhashConfig, find_duplicate_stages
 
     work = Path(workdir)
     shards = _shards(docs, tasks)
@@ -192,9 +191,8 @@ def compare_buckets_synthetic(n_docs: int, workdir: str, tasks: int = 1, dup_fra
     """
     from datatrove.pipeline.dedup.minhash import MinhashConfig as DatatroveMinhashConfig
     from datatrove.pipeline.dedup.minhash import MinhashDedupBuckets, MinhashDedupCluster
-
-    from data_pipeline.dedup import DedupConfig, MinhashConfig, MinHasher, find_duplicate_stages
-    from data_pipeline.dedup.storage import RankSignatureWriter
+    from kiln.data_pipeline.dedup import DedupConfig, MinhashConfig, MinHasher, find_duplicate_stages
+    from kiln.data_pipeline.dedup.storage import RankSignatureWriter
 
     work = Path(workdir)
     buckets, rows = 14, 8

@@ -66,10 +66,9 @@ def main() -> int:
         from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
     from datatrove.data import Document
     from datatrove.pipeline.tokens import DocumentTokenizer, MegatronDocumentTokenizer
-
-    from data_pipeline.metadata import AddMetadata
-    from data_pipeline.tokenize import TokenizerTrainConfig, TokenizeToIndexed, load_tokenizer, train_tokenizer
-    from data_pipeline.tokenize.indexed import token_dtype
+    from kiln.data_pipeline.metadata import AddMetadata
+    from kiln.data_pipeline.tokenize import TokenizerTrainConfig, TokenizeToIndexed, load_tokenizer, train_tokenizer
+    from kiln.data_pipeline.tokenize.indexed import token_dtype
 
     work = Path(tempfile.mkdtemp(prefix="kiln_tok_bench_"))
     try:

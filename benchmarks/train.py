@@ -1,11 +1,11 @@
 """Trainer throughput: our trainer at 1 rank vs a plain PyTorch loop, and (on a GPU) the MFU of a ~1B model.
 
 Loop comparison (always; on CPU here, and on the GPU when one is present, both sides on it): the same
-``KilnLlama`` (``pretrain.model``), the same data (``SyntheticTokens`` packed samples, cut into micro-batches by
+``KilnLlama`` (``kiln.pretrain.model``), the same data (``SyntheticTokens`` packed samples, cut into micro-batches by
 the trainer's own ``local_micro_batches``), the same AdamW (decay on matrices only, same betas/eps/lr
 schedule), the same gradient clipping, the same global batch and gradient accumulation, fp32, one process.
 
-- kiln: ``pretrain.train.train`` with its default callbacks (NaN guard, throughput, console line; no metrics
+- kiln: ``kiln.pretrain.train.train`` with its default callbacks (NaN guard, throughput, console line; no metrics
   file / W&B), i.e. the DeepSpeed engine (ZeRO stage as in the recipe) on a 1-rank gloo group;
 - plain: ``for step: for micro-batch: loss = model(...) / n_micro; loss.backward()``, then
   ``clip_grad_norm_``, ``torch.optim.AdamW.step()``, ``zero_grad(set_to_none=True)``.
@@ -22,7 +22,7 @@ they agree (same model, data and update rule), so both loops really do the same 
 
 GPU (only when ``torch.cuda.is_available()``): our trainer on a ~1B Llama (hidden 2048, 16 layers, 32 heads,
 8 KV heads, FFN 8192, vocab 128256, tied) at seq 4096, bf16, and the MFU from
-``pretrain.callbacks.flops_per_token`` (causal attention FLOPs) and ``peak_flops_per_device("bfloat16")``.
+``kiln.pretrain.callbacks.flops_per_token`` (causal attention FLOPs) and ``peak_flops_per_device("bfloat16")``.
 Without a GPU this part is reported as not run.
 
 Usage (from the repository root):
@@ -78,7 +78,7 @@ GPU_MODEL = {  # ~1.24B parameters (Llama-3.2-1B geometry)
 
 
 def make_recipe(model: dict, seq: int, micro: int, global_batch: int, steps: int, zero_stage: int, precision: str):
-    from pretrain.recipe import load_recipe
+    from kiln.pretrain.recipe import load_recipe
 
     overrides = [f"model.{k}={v}" for k, v in model.items()] + [
         f"synthetic_data.seq_length={seq}",
@@ -98,7 +98,7 @@ def make_recipe(model: dict, seq: int, micro: int, global_batch: int, steps: int
 
 def single_rank_env() -> None:
     """torchrun's variables for one process, so ``init_parallel`` starts a 1-rank group."""
-    from pretrain.testing import free_port
+    from kiln.pretrain.testing import free_port
 
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if _cuda() else "cpu")
     for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
@@ -134,7 +134,7 @@ class StepClock:
     """Callback: wall time between consecutive step ends (the first step is timed from ``on_train_start``)."""
 
     def __init__(self):
-        from pretrain.callbacks.base import Callback
+        from kiln.pretrain.callbacks.base import Callback
 
         clock = self
 
@@ -158,8 +158,8 @@ class StepClock:
 
 
 def run_kiln(recipe, dataset, ctx, profile: cProfile.Profile | None = None) -> StepClock:
-    from pretrain.engine import TrainEngine
-    from pretrain.train import train
+    from kiln.pretrain.engine import TrainEngine
+    from kiln.pretrain.train import train
 
     engine = TrainEngine(recipe, ctx)
     clock = StepClock()
@@ -176,10 +176,9 @@ class PlainLoop:
 
     def __init__(self, recipe, dataset, device):
         import torch
-
-        from parallel.zero import weight_decay_groups
-        from pretrain.model import KilnLlama
-        from pretrain.schedule import LRSchedule
+        from kiln.parallel.zero import weight_decay_groups
+        from kiln.pretrain.model import KilnLlama
+        from kiln.pretrain.schedule import LRSchedule
 
         self.recipe, self.dataset = recipe, dataset
         self.device = device
@@ -198,8 +197,7 @@ class PlainLoop:
 
     def step(self) -> None:
         import torch
-
-        from pretrain.engine.batches import local_micro_batches
+        from kiln.pretrain.engine.batches import local_micro_batches
 
         start = _clock()
         micro, gb = self.recipe.parallel.micro_batch, self.recipe.parallel.global_batch
@@ -236,9 +234,9 @@ def run_paired(
     """Our trainer, with one plain-loop step run right after each of its steps (inside a callback whose time
     is taken out of the trainer's clock): each pair of step times is measured under the same machine load.
     Returns (kiln step times, plain step times, kiln losses, plain losses)."""
-    from pretrain.callbacks.base import Callback
-    from pretrain.engine import TrainEngine
-    from pretrain.train import train
+    from kiln.pretrain.callbacks.base import Callback
+    from kiln.pretrain.engine import TrainEngine
+    from kiln.pretrain.train import train
 
     plain = PlainLoop(recipe, dataset, ctx.device)
     kiln_times: list[float] = []
@@ -276,9 +274,8 @@ def run_paired(
 
 def cpu_comparison(args) -> dict:
     import torch
-
-    from parallel.topology import destroy_parallel, init_parallel
-    from pretrain.engine.batches import SyntheticTokens
+    from kiln.parallel.topology import destroy_parallel, init_parallel
+    from kiln.pretrain.engine.batches import SyntheticTokens
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -343,9 +340,9 @@ def cpu_comparison(args) -> dict:
 
 def gpu_mfu(args) -> dict:
     """~1B model at seq 4096, bf16, 1 GPU: tokens/s and MFU of our trainer (median of the timed steps)."""
-    from parallel.topology import destroy_parallel, init_parallel
-    from pretrain.callbacks.flops import flops_per_token, peak_flops_per_device
-    from pretrain.engine.batches import SyntheticTokens
+    from kiln.parallel.topology import destroy_parallel, init_parallel
+    from kiln.pretrain.callbacks.flops import flops_per_token, peak_flops_per_device
+    from kiln.pretrain.engine.batches import SyntheticTokens
 
     steps = args.warmup + args.gpu_steps
     recipe = make_recipe(GPU_MODEL, 4096, args.gpu_micro_batch, args.gpu_global_batch, steps, 1, "bf16")

@@ -8,11 +8,12 @@ import sys
 from pathlib import Path
 
 # Subpackages that add their own `kiln data` commands through `register(data_subparsers)`.
-DATA_COMMAND_MODULES = ("data_pipeline.filters.cli", "data_pipeline.tokenize.cli")
+DATA_COMMAND_MODULES = ("kiln.data_pipeline.filters.cli", "kiln.data_pipeline.tokenize.cli")
 
 
 def load_recipe(path: str, overrides: list[str], executor: str | None = None, tasks: int | None = None):
-    from data_pipeline.recipe import DataRecipe
+    from kiln.data_pipeline.recipe import DataRecipe
+
     from kiln.config import load_config
 
     extra = list(overrides)
@@ -24,7 +25,7 @@ def load_recipe(path: str, overrides: list[str], executor: str | None = None, ta
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from data_pipeline.runner import build_stages, run_recipe
+    from kiln.data_pipeline.runner import build_stages, run_recipe
 
     recipe = load_recipe(args.recipe, args.overrides, args.executor, args.tasks)
     if args.dry_run:
@@ -44,10 +45,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def show_stats(run_dir: Path) -> int:
+    from kiln.data_pipeline.accounting import build_report
+    from kiln.data_pipeline.report import build_table, write_report
     from rich.console import Console
-
-    from data_pipeline.accounting import build_report
-    from data_pipeline.report import build_table, write_report
 
     report = build_report(run_dir)
     Console().print(build_table(report))
@@ -63,12 +63,12 @@ def cmd_stats(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     path = Path(args.path)
     if Path(f"{path}.idx").exists():
-        from data_pipeline.tokenize import inspect_tokenized
+        from kiln.data_pipeline.tokenize import inspect_tokenized
 
         # the tokenizer defaults to the one recorded in the dataset's .meta.json
         print(inspect_tokenized(str(path), args.tokenizer, n=args.n, start=args.start, color=sys.stdout.isatty()))
         return 0
-    from data_pipeline.inspect_output import inspect_path
+    from kiln.data_pipeline.inspect_output import inspect_path
 
     print(
         inspect_path(

@@ -12,11 +12,11 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal
 
-from data_pipeline.dedup import DedupConfig
-from data_pipeline.filters import FilterConfig
-from data_pipeline.metadata import MetadataConfig
-from data_pipeline.readers import InputConfig
-from data_pipeline.refine import RefineConfig
+from kiln.data_pipeline.dedup import DedupConfig
+from kiln.data_pipeline.filters import FilterConfig
+from kiln.data_pipeline.metadata import MetadataConfig
+from kiln.data_pipeline.readers import InputConfig
+from kiln.data_pipeline.refine import RefineConfig
 
 
 @dataclass

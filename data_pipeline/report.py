@@ -8,7 +8,7 @@ import io
 import json
 from pathlib import Path
 
-from data_pipeline.accounting import Report
+from kiln.data_pipeline.accounting import Report
 
 
 def build_table(report: Report):

@@ -28,11 +28,11 @@ from datatrove.data import DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.readers import JsonlReader
 from datatrove.pipeline.writers import JsonlWriter
+from kiln.data_pipeline.dedup import DedupFilter, DedupSignatures, find_duplicate_stages
+from kiln.data_pipeline.filters import build_filter
+from kiln.data_pipeline.readers import build_input_steps
+from kiln.data_pipeline.recipe import DataRecipe, step_name
 
-from data_pipeline.dedup import DedupFilter, DedupSignatures, find_duplicate_stages
-from data_pipeline.filters import build_filter
-from data_pipeline.readers import build_input_steps
-from data_pipeline.recipe import DataRecipe, step_name
 from kiln.config import to_dict
 
 SHARD_NAME = "${rank}.jsonl.gz"
@@ -83,11 +83,11 @@ def _transform_steps(recipe: DataRecipe) -> list[PipelineStep]:
     """Per-document steps after dedup and before the output is written: metadata, refinement."""
     steps: list[PipelineStep] = []
     if recipe.metadata is not None:
-        from data_pipeline.metadata import AddMetadata
+        from kiln.data_pipeline.metadata import AddMetadata
 
         steps.append(AddMetadata(recipe.metadata))
     if recipe.refine is not None:
-        from data_pipeline.refine import RefineStep
+        from kiln.data_pipeline.refine import RefineStep
 
         steps.append(RefineStep(recipe.refine))
     return steps
@@ -100,7 +100,7 @@ def tokens_prefix(recipe: DataRecipe) -> str:
 
 
 def _tokenize_stages(recipe: DataRecipe) -> list[Stage]:
-    from data_pipeline.tokenize import MergeIndexedShards, TokenizeToIndexed
+    from kiln.data_pipeline.tokenize import MergeIndexedShards, TokenizeToIndexed
 
     cfg = recipe.tokenize
     layout = RunLayout(recipe.output_dir)

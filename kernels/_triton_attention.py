@@ -292,7 +292,7 @@ def _config(d: int, device: torch.device, backward: bool, dtype: torch.dtype = t
     """(BLOCK_M, BLOCK_N, num_warps, num_stages). Tiny blocks on CPU: the interpreter's cost grows with block area.
 
     On CUDA, 16-bit inputs use FA2-style tiles; fp32 tiles are smaller so the shared memory of the pipelined loads
-    stays within an A100's 163 KiB (checked by ``python -m kernels.compile_check``).
+    stays within an A100's 163 KiB (checked by ``python -m kiln.kernels.compile_check``).
     """
     if device.type != "cuda":
         return 16, 16, 1, 1

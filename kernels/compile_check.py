@@ -1,4 +1,4 @@
-"""Compile every Triton kernel in kernels/ for NVIDIA GPUs without a GPU (``python -m kernels.compile_check``).
+"""Compile every Triton kernel in kernels/ for NVIDIA GPUs without a GPU (``python -m kiln.kernels.compile_check``).
 
 Triton lowers each kernel to PTX and runs the ptxas bundled with the triton wheel, for the shapes/configs the
 host code launches on CUDA (bf16 and fp32, head dims 64 and 128). This catches type errors, unsupported ops and

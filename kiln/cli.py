@@ -12,7 +12,7 @@ from kiln import __version__
 from kiln.config import ConfigError
 
 # Modules that contribute subcommands. A module listed here must import quickly (no torch at import time).
-COMMAND_MODULES = ("kiln.demo", "data_pipeline.cli", "pretrain.cli")
+COMMAND_MODULES = ("kiln.demo", "kiln.data_pipeline.cli", "kiln.pretrain.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,12 +11,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"  # replaced by kiln.catalog below
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from data_pipeline.cli import load_recipe, show_stats
-    from data_pipeline.runner import run_recipe
+    from kiln.data_pipeline.cli import load_recipe, show_stats
+    from kiln.data_pipeline.runner import run_recipe
     from kiln.demo_corpus import build_corpus
 
     out = Path(args.output)
@@ -31,8 +31,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if status:
         return status
 
-    from data_pipeline.runner import tokens_prefix
-    from data_pipeline.tokenize import TokenizerTrainConfig, inspect_tokenized, train_tokenizer
+    from kiln.data_pipeline.runner import tokens_prefix
+    from kiln.data_pipeline.tokenize import TokenizerTrainConfig, inspect_tokenized, train_tokenizer
 
     tokenizer = out / "tokenizer"
     if not (tokenizer / "tokenizer.model").exists():

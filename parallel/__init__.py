@@ -1,4 +1,4 @@
-"""How the model is spread over processes (the model itself lives in ``pretrain.model``).
+"""How the model is spread over processes (the model itself lives in ``kiln.pretrain.model``).
 
 - ``topology``: process groups for TP x PP x DP from megatron-core ``parallel_state`` and DeepSpeed's
   ``PipeModelDataParallelTopology``, checked to agree; collective timeouts; ``MegatronMPU`` for DeepSpeed.

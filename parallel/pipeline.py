@@ -1,4 +1,4 @@
-"""KilnLlama as a DeepSpeed ``PipelineModule``: the same blocks as ``pretrain.model``, cut into pipeline layers.
+"""KilnLlama as a DeepSpeed ``PipelineModule``: the same blocks as ``kiln.pretrain.model``, cut into pipeline layers.
 
 Pipeline layers, in order (DeepSpeed names a parameter ``<layer index>.<name inside the layer>``):
 
@@ -32,9 +32,8 @@ import re
 
 import torch
 import torch.nn as nn
-
-from pretrain.config import ModelConfig
-from pretrain.model import (
+from kiln.pretrain.config import ModelConfig
+from kiln.pretrain.model import (
     DecoderLayer,
     KilnLlama,
     RMSNorm,

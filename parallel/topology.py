@@ -20,8 +20,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-
-from pretrain.recipe import Layout
+from kiln.pretrain.recipe import Layout
 
 
 @dataclass

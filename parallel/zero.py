@@ -20,9 +20,8 @@ from collections.abc import Callable
 from typing import Any
 
 import torch.nn as nn
-
-from pretrain.model import tp_split_dim
-from pretrain.recipe import Layout, TrainRecipe
+from kiln.pretrain.model import tp_split_dim
+from kiln.pretrain.recipe import Layout, TrainRecipe
 
 
 def single_replica(recipe: TrainRecipe, layout: Layout) -> bool:
@@ -34,7 +33,7 @@ def single_replica(recipe: TrainRecipe, layout: Layout) -> bool:
 def effective_zero_stage(recipe: TrainRecipe, layout: Layout) -> int:
     """The ZeRO stage DeepSpeed runs: 0 for a single replica (``single_replica``), else the recipe's. Checkpoints
     hold the full state under layout-independent names, so a ZeRO-0 one-rank run resumes at DP2 ZeRO 1 and
-    back (``pretrain.engine.state``)."""
+    back (``kiln.pretrain.engine.state``)."""
     return 0 if single_replica(recipe, layout) else recipe.parallel.zero_stage
 
 
@@ -93,7 +92,7 @@ def mark_tensor_parallel_params(
     module: nn.Module, tp_size: int, model_name: Callable[[str], str] = lambda name: name
 ) -> int:
     """Set megatron's ``tensor_model_parallel`` / ``partition_dim`` / ``partition_stride`` on every parameter
-    that is split across TP ranks (``pretrain.model.tp_split_dim`` of its KilnLlama name, which
+    that is split across TP ranks (``kiln.pretrain.model.tp_split_dim`` of its KilnLlama name, which
     ``model_name`` maps a local name to), and ``tensor_model_parallel = False`` on the replicated ones, so that
     DeepSpeed's gradient norm counts each element exactly once. Returns how many parameters are TP-sharded."""
     sharded = 0

@@ -33,7 +33,7 @@ def _user_errors(command):
 
 @_user_errors
 def cmd_import_hf(args: argparse.Namespace) -> int:
-    from pretrain.hf_io import DTYPES, import_hf, load_tokenizer, save_model
+    from kiln.pretrain.hf_io import DTYPES, import_hf, load_tokenizer, save_model
 
     model, cfg = import_hf(args.source, dtype=DTYPES[args.dtype])
     tokenizer = None if args.no_tokenizer else _maybe_tokenizer(args.source, load_tokenizer)
@@ -48,7 +48,7 @@ def cmd_import_hf(args: argparse.Namespace) -> int:
 
 @_user_errors
 def cmd_export_hf(args: argparse.Namespace) -> int:
-    from pretrain.hf_io import DTYPES, export_hf, load_model, load_tokenizer
+    from kiln.pretrain.hf_io import DTYPES, export_hf, load_model, load_tokenizer
 
     model, cfg = load_model(args.checkpoint)
     tokenizer = None if args.no_tokenizer else _maybe_tokenizer(args.checkpoint, load_tokenizer)
@@ -60,9 +60,8 @@ def cmd_export_hf(args: argparse.Namespace) -> int:
 @_user_errors
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
-
-    from pretrain.generate import generate_text
-    from pretrain.hf_io import load_model, load_tokenizer
+    from kiln.pretrain.generate import generate_text
+    from kiln.pretrain.hf_io import load_model, load_tokenizer
 
     torch.manual_seed(args.seed)
     model, _ = load_model(args.model)
@@ -165,6 +164,6 @@ def register(subparsers) -> None:
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     p.set_defaults(func=cmd_generate)
 
-    from pretrain.plot import register_plot
+    from kiln.pretrain.plot import register_plot
 
     register_plot(subparsers)

@@ -3,7 +3,7 @@ a held-out validation split, and the MeCo metadata -> plain switch.
 
 What a sample is
 ----------------
-Each dataset (a megatron-core indexed dataset written by `data_pipeline.tokenize`, plus its ``_loss_mask``
+Each dataset (a megatron-core indexed dataset written by `kiln.data_pipeline.tokenize`, plus its ``_loss_mask``
 twin) is read as an endless *token stream*: epoch ``e`` is the dataset's training documents in a permutation
 drawn from ``(seed, dataset number, e)``, concatenated. Dataset-sample ``s`` is the ``seq_length + 1`` stream
 tokens starting at ``s * seq_length`` (consecutive samples overlap by one token, as in Megatron's
@@ -160,7 +160,7 @@ def _megatron_indexed():
 
 def _open(prefix: str, tokenizer=None) -> tuple[object, object | None, dict]:
     """(tokens, mask or None, meta) of one dataset prefix, with clear errors for missing paths / tokenizers."""
-    from data_pipeline.tokenize import TokenizeError, check_tokenizer_matches, open_tokenized, read_meta
+    from kiln.data_pipeline.tokenize import TokenizeError, check_tokenizer_matches, open_tokenized, read_meta
 
     if not Path(f"{prefix}.meta.json").is_file() and not Path(f"{prefix}.bin").is_file():
         parent = Path(prefix).parent

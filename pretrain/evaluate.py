@@ -17,8 +17,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-
-from pretrain.callbacks.base import Callback, TrainState
+from kiln.pretrain.callbacks.base import Callback, TrainState
 
 
 def evaluate(

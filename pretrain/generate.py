@@ -9,8 +9,7 @@ the same prompt and seed (logits are gathered over the vocabulary, so all ranks 
 from __future__ import annotations
 
 import torch
-
-from pretrain.model import KilnLlama
+from kiln.pretrain.model import KilnLlama
 
 
 def metadata_prefix(metadata: str | None) -> str:

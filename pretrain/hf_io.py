@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from kiln.pretrain.config import ModelConfig, from_hf_config, to_hf_config
+from kiln.pretrain.model import KilnLlama, check_full_shapes, full_shapes, tp_split_dim
 
 from kiln.config import ConfigError, load_config, to_dict
-from pretrain.config import ModelConfig, from_hf_config, to_hf_config
-from pretrain.model import KilnLlama, check_full_shapes, full_shapes, tp_split_dim
 
 MODEL_CONFIG_FILE = "model.yaml"
 WEIGHTS_FILE = "model.safetensors"
@@ -115,7 +115,7 @@ def _safetensors_files(path: Path) -> dict[str, Path]:
 
 def _resolve_tp_group(tp_rank: int, tp_size: int, tp_group):
     if tp_group is None and tp_size > 1:
-        from pretrain.model import default_tp_group
+        from kiln.pretrain.model import default_tp_group
 
         tp_group = default_tp_group()
         if tp_group is None:

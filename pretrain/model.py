@@ -35,10 +35,10 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from kiln.pretrain.config import ModelConfig
 
-import kernels
+from kiln import kernels
 from kiln.config import ConfigError
-from pretrain.config import ModelConfig
 
 # ---------------------------------------------------------------------------------------------------------------
 # 1. Tensor-parallel plumbing
@@ -408,7 +408,7 @@ class KilnLlama(nn.Module):
     parallel_state's TP group when initialised, else runs unsharded; None forces one process, no TP.
 
     ``init_seed``: fill the weights with the same full-size random init on every rank (each keeps its slice);
-    None leaves them uninitialised for a checkpoint to fill (``pretrain.hf_io``).
+    None leaves them uninitialised for a checkpoint to fill (``kiln.pretrain.hf_io``).
     """
 
     def __init__(

@@ -10,7 +10,7 @@ import argparse
 import math
 from pathlib import Path
 
-from pretrain.callbacks.metrics_file import METRICS_FILE, read_metrics
+from kiln.pretrain.callbacks.metrics_file import METRICS_FILE, read_metrics
 
 
 def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:

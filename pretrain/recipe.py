@@ -18,9 +18,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from kiln.pretrain.config import ModelConfig
+from kiln.pretrain.data import DataConfig
+
 from kiln.config import ConfigError, load_config, to_dict
-from pretrain.config import ModelConfig
-from pretrain.data import DataConfig
 
 
 @dataclass
@@ -137,7 +138,7 @@ class SyntheticDataConfig:
 
 @dataclass
 class CheckpointConfig:
-    """Periodic checkpoints (full model + optimizer state, train state, RNG; see ``pretrain.checkpoint``) every
+    """Periodic checkpoints (full model + optimizer state, train state, RNG; see ``kiln.pretrain.checkpoint``) every
     ``interval`` steps (0: only on pre-emption signals and at the end of training), keeping the newest
     ``keep_last``. ``dir`` defaults to ``<run_dir>/checkpoints``."""
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 
-from pretrain.recipe import ScheduleConfig
+from kiln.pretrain.recipe import ScheduleConfig
 
 
 class LRSchedule:

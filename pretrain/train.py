@@ -1,14 +1,14 @@
 """Pretraining entry point.
 
-    torchrun --nnodes N --nproc-per-node G -m pretrain.train recipes/pretrain/<recipe>.yaml [key=value ...]
-    python -m pretrain.train recipes/pretrain/tiny.yaml            # one process, no torchrun
-    python -m pretrain.train recipes/pretrain/llama_1b.yaml --dry-run parallel.tp=8 --world-size 64
+    torchrun --nnodes N --nproc-per-node G -m kiln.pretrain.train recipes/pretrain/<recipe>.yaml [key=value ...]
+    python -m kiln.pretrain.train recipes/pretrain/tiny.yaml            # one process, no torchrun
+    python -m kiln.pretrain.train recipes/pretrain/llama_1b.yaml --dry-run parallel.tp=8 --world-size 64
 
 The recipe is loaded and checked against the world size, and the data opened, before any process group
-starts. The loop is short: features hang off callbacks (``pretrain.callbacks``: NaN guard, throughput/MFU,
+starts. The loop is short: features hang off callbacks (``kiln.pretrain.callbacks``: NaN guard, throughput/MFU,
 console line, metrics file, W&B).
 
-Checkpoints (``pretrain.checkpoint``): every ``checkpoint.interval`` steps, at the end, and when SIGTERM /
+Checkpoints (``kiln.pretrain.checkpoint``): every ``checkpoint.interval`` steps, at the end, and when SIGTERM /
 SIGUSR1 arrives (the loop finishes the current step, saves, and exits 0). A checkpoint holds the full model and
 optimizer state under layout-independent names, the train state (step, consumed samples = the data position,
 since sample ``i`` is a pure function of ``i``) and every rank's RNG state; the LR is a function of the step.
@@ -27,9 +27,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from kiln.pretrain.callbacks.base import Callback, CallbackList, TrainState
+from kiln.pretrain.recipe import TrainRecipe, load_recipe
+
 from kiln.config import ConfigError, to_dict
-from pretrain.callbacks.base import Callback, CallbackList, TrainState
-from pretrain.recipe import TrainRecipe, load_recipe
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +38,11 @@ log = logging.getLogger(__name__)
 def build_dataset(recipe: TrainRecipe):
     """Global sample index -> sample: the indexed-dataset blend, or the synthetic source of tests/demos."""
     if recipe.synthetic_data is not None:
-        from pretrain.engine.batches import SyntheticTokens
+        from kiln.pretrain.engine.batches import SyntheticTokens
 
         s = recipe.synthetic_data
         return SyntheticTokens(recipe.model.vocab_size, s.seq_length, s.seed, s.documents_per_sample)
-    from pretrain.data import PretrainData
+    from kiln.pretrain.data import PretrainData
 
     return PretrainData(
         recipe.data,
@@ -55,7 +56,7 @@ def build_validation(recipe: TrainRecipe, dataset):
     """The held-out split the evaluation reads (``batches(batch_size, max_batches, dp_rank, dp_size)``): the
     data's validation split, or for synthetic data the same generator under ``synthetic_data.seed + 1``."""
     if recipe.synthetic_data is not None and getattr(dataset, "validation", None) is None:
-        from pretrain.engine.batches import SyntheticTokens, SyntheticValidation
+        from kiln.pretrain.engine.batches import SyntheticTokens, SyntheticValidation
 
         s = recipe.synthetic_data
         return SyntheticValidation(
@@ -73,8 +74,8 @@ def build_validation(recipe: TrainRecipe, dataset):
 def default_callbacks(recipe: TrainRecipe, ctx, loggers: bool = True) -> list[Callback]:
     """NaN guard, throughput (tokens/s, TFLOP/s, MFU on GPU) and the console line; with ``loggers`` also the
     metrics file and W&B (offline unless the recipe says otherwise) under ``run_dir``."""
-    from pretrain.callbacks import ConsoleLogger, MetricsFile, NanGuard, Throughput, WandbLogger
-    from pretrain.callbacks.flops import flops_per_token, peak_flops_per_device
+    from kiln.pretrain.callbacks import ConsoleLogger, MetricsFile, NanGuard, Throughput, WandbLogger
+    from kiln.pretrain.callbacks.flops import flops_per_token, peak_flops_per_device
 
     peak = None
     if ctx.device.type == "cuda":
@@ -96,7 +97,7 @@ def resolve_resume(recipe: TrainRecipe) -> Path | None:
     complete checkpoint under ``checkpoint.dir``, or None if there is none yet; a path: that checkpoint
     directory (an incomplete one falls back, with a warning, to the newest complete one beside it) or the newest
     complete checkpoint under that root. A path that holds none is a ConfigError."""
-    from pretrain.checkpoint import MANIFEST, find_latest_checkpoint, is_complete, list_checkpoints
+    from kiln.pretrain.checkpoint import MANIFEST, find_latest_checkpoint, is_complete, list_checkpoints
 
     r = recipe.resume
     if r is False or (isinstance(r, str) and r.strip().lower() in ("", "false", "no", "none")):
@@ -128,7 +129,7 @@ def resolve_resume(recipe: TrainRecipe) -> Path | None:
 def restore_checkpoint(ckpt: Path, engine, state: TrainState, ctx) -> dict:
     """Load ``ckpt`` into ``engine`` (sliced for the current layout) and ``state``, and set this rank's RNG
     state. Returns the checkpoint's meta."""
-    from pretrain.checkpoint import CheckpointError, load_full_state, load_rng_state, load_train_state, rng_file
+    from kiln.pretrain.checkpoint import CheckpointError, load_full_state, load_rng_state, load_train_state, rng_file
 
     saved = load_train_state(ckpt)
     model_state, optimizer_state, meta = load_full_state(ckpt)
@@ -162,8 +163,7 @@ def restore_checkpoint(ckpt: Path, engine, state: TrainState, ctx) -> dict:
 def save_train_checkpoint(manager, recipe: TrainRecipe, engine, state: TrainState, ctx) -> Path:
     """Every rank: gather the full model and optimizer state, rank 0 writes them, every rank its RNG state."""
     import torch.distributed as dist
-
-    from pretrain.checkpoint import save_checkpoint
+    from kiln.pretrain.checkpoint import save_checkpoint
 
     model_state = engine.full_model_state()
     optimizer_state = engine.full_optimizer_state()
@@ -215,10 +215,10 @@ def train(
     """Train ``recipe`` on this job's processes (or on ``ctx``'s groups when given) and return the final state.
     ``callbacks`` run after the default ones (``default_callbacks``); ``engine``: a ``TrainEngine`` built by the
     caller on ``ctx`` (to read its weights afterwards), else one is built here."""
-    from parallel.topology import init_parallel
-    from pretrain.checkpoint import CheckpointManager, install_preemption_handler
-    from pretrain.engine import TrainEngine
-    from pretrain.schedule import LRSchedule
+    from kiln.parallel.topology import init_parallel
+    from kiln.pretrain.checkpoint import CheckpointManager, install_preemption_handler
+    from kiln.pretrain.engine import TrainEngine
+    from kiln.pretrain.schedule import LRSchedule
 
     dataset = dataset if dataset is not None else build_dataset(recipe)  # bad paths fail before any group
     validation = build_validation(recipe, dataset) if recipe.eval.interval > 0 else None
@@ -245,7 +245,7 @@ def train(
     hooks = CallbackList([*default_callbacks(recipe, ctx, loggers), *callbacks])
     evaluator = None
     if validation is not None:
-        from pretrain.callbacks.evaluation import EngineEvaluator, validation_batches
+        from kiln.pretrain.callbacks.evaluation import EngineEvaluator, validation_batches
 
         ev = recipe.eval
         batches = validation_batches(validation, ev.batch_size or recipe.parallel.micro_batch, ctx, ev.batches)
@@ -275,7 +275,7 @@ def train(
 def _loop(
     recipe: TrainRecipe, hooks: CallbackList, dataset, ctx, engine, schedule, state, manager, evaluator=None
 ) -> None:
-    from pretrain.engine import local_micro_batches
+    from kiln.pretrain.engine import local_micro_batches
 
     layout, p, ck = ctx.layout, recipe.parallel, recipe.checkpoint
     last_saved = state.step if state.step > 0 else -1  # a resumed run starts at a saved step
@@ -314,7 +314,7 @@ def _loop(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pretrain.train", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m kiln.pretrain.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("recipe", help="recipes/pretrain/<name>.yaml")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. parallel.tp=2 optimizer.lr=1e-3")
     parser.add_argument("--dry-run", action="store_true", help="check the layout, print memory and partition, exit")
@@ -328,7 +328,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.dry_run:
-        from pretrain.engine.memory import dry_run_report
+        from kiln.pretrain.engine.memory import dry_run_report
 
         if int(os.environ.get("RANK", "0")) == 0:
             print(dry_run_report(recipe, layout))

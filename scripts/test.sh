@@ -5,4 +5,6 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
-.venv/bin/python -m pytest -q "$@"
+# .venv/bin/pytest (not `python -m pytest`): the checkout root stays off sys.path, so every test imports kiln.*
+# through the installed package mapping, as a user would
+.venv/bin/pytest -q "$@"

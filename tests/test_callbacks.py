@@ -9,8 +9,7 @@ import sys
 
 import pytest
 import torch
-
-from pretrain.callbacks import (
+from kiln.pretrain.callbacks import (
     CallbackList,
     ConsoleLogger,
     MetricsFile,
@@ -25,10 +24,10 @@ from pretrain.callbacks import (
     read_metrics,
     read_wandb_history,
 )
-from pretrain.callbacks.flops import device_family
-from pretrain.config import ModelConfig
-from pretrain.evaluate import Evaluator, evaluate
-from pretrain.model import full_shapes
+from kiln.pretrain.callbacks.flops import device_family
+from kiln.pretrain.config import ModelConfig
+from kiln.pretrain.evaluate import Evaluator, evaluate
+from kiln.pretrain.model import full_shapes
 
 
 def test_flops_per_token_counts_every_matmul_and_attention():
@@ -163,7 +162,7 @@ def test_wandb_offline_run_files_hold_the_logged_metrics(tmp_path):
     run_dir = tmp_path / "run"
     script = f"""
 import torch
-from pretrain.callbacks import CallbackList, TrainState, Throughput, WandbLogger
+from kiln.pretrain.callbacks import CallbackList, TrainState, Throughput, WandbLogger
 state = TrainState(run_dir=__import__("pathlib").Path({str(run_dir)!r}), total_steps=5)
 hooks = CallbackList([Throughput(flops_per_token=1e6, peak_flops=1e12), WandbLogger(project="t", config={{"lr": 0.1}})])
 hooks.on_train_start(state)

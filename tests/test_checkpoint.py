@@ -14,9 +14,8 @@ import time
 import numpy as np
 import pytest
 import torch
-
-from pretrain.callbacks.base import TrainState
-from pretrain.checkpoint import (
+from kiln.pretrain.callbacks.base import TrainState
+from kiln.pretrain.checkpoint import (
     LATEST,
     MANIFEST,
     CheckpointError,
@@ -79,7 +78,7 @@ def test_crash_mid_write_keeps_previous_latest(tmp_path, caplog):
     broken.mkdir()
     save_full_state(broken, {"w": torch.zeros(2)})
     (root / LATEST).write_text("step_0000300\n")
-    with caplog.at_level(logging.WARNING, logger="pretrain.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="kiln.pretrain.checkpoint"):
         assert find_latest_checkpoint(root).name == "step_0000100"
     assert "step_0000300" in caplog.text and "not usable" in caplog.text
     # a truncated file in a manifest-complete checkpoint is detected too
@@ -97,7 +96,7 @@ def test_sigkill_during_save_leaves_previous_checkpoint(tmp_path):
     script = textwrap.dedent(
         f"""
         import sys, time, torch
-        from pretrain.checkpoint import CheckpointManager, save_full_state
+        from kiln.pretrain.checkpoint import CheckpointManager, save_full_state
         mgr = CheckpointManager({str(root)!r}, keep_last=2)
         mgr.save(1, lambda d: save_full_state(d, {{"w": torch.ones(3)}}))
         def slow(d):
@@ -177,8 +176,8 @@ def test_sigterm_loop_saves_and_exits_zero(tmp_path):
     script = textwrap.dedent(
         f"""
         import time, torch
-        from pretrain.callbacks.base import TrainState
-        from pretrain.checkpoint import CheckpointManager, install_preemption_handler, save_train_state
+        from kiln.pretrain.callbacks.base import TrainState
+        from kiln.pretrain.checkpoint import CheckpointManager, install_preemption_handler, save_train_state
         state = TrainState()
         install_preemption_handler(state)
         mgr = CheckpointManager({str(root)!r})
@@ -216,7 +215,7 @@ def test_save_and_resume_checkpoint_round_trip(tmp_path, caplog):
     assert (st.step, st.consumed_samples, st.tokens, st.nan_steps) == (12, 96, 3072, 1)
     assert not st.should_save and not st.should_stop
     assert torch.equal(m["w"], model["w"]) and opt == {"lr": 0.1} and meta == {"layout": "tp2pp2"}
-    with caplog.at_level(logging.WARNING, logger="pretrain.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="kiln.pretrain.checkpoint"):
         torch.manual_seed(5)
         resume_checkpoint(root, rank=3)
     assert "no RNG state for rank 3" in caplog.text and torch.equal(torch.rand(4), expected)

@@ -14,13 +14,13 @@ from pathlib import Path
 import orjson
 import pytest
 import yaml
+from conftest import REPO, shared_file
+from kiln.data_pipeline.accounting import build_report
+from kiln.data_pipeline.runner import iter_output
 
-from data_pipeline.accounting import build_report
-from data_pipeline.runner import iter_output
 from kiln.cli import main
 from kiln.config import ConfigError
 from kiln.demo_corpus import iter_documents
-from tests.conftest import REPO, shared_file
 
 FILTERS = [{"kind": "gopher_repetition"}, {"kind": "fineweb"}]
 
@@ -63,7 +63,7 @@ def test_recipe_typo_fails_before_running(tmp_path):
     data["filterz"] = data.pop("filters")
     recipe.write_text(yaml.safe_dump(data))
     with pytest.raises(ConfigError, match=r"r\.yaml: key 'filterz': unknown key.*Did you mean 'filters'"):
-        from data_pipeline.cli import load_recipe
+        from kiln.data_pipeline.cli import load_recipe
 
         load_recipe(str(recipe), [])
     assert main(["data", "run", str(recipe)]) == 2
@@ -95,7 +95,7 @@ def test_accounting_adds_up_with_bad_records(tmp_path):
     assert (tmp_path / "run" / "report" / "stats.png").stat().st_size > 1000
 
     # `kiln data inspect`: the run's folders with their counts, and the rejects with their reasons
-    from data_pipeline.inspect_output import inspect_path
+    from kiln.data_pipeline.inspect_output import inspect_path
 
     overview = inspect_path(tmp_path / "run")
     assert f"output/  {report.kept:,} records" in overview

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import shared_file
 from datatrove.executor import LocalPipelineExecutor
 from datatrove.pipeline.readers import JsonlReader
 from datatrove.pipeline.writers import JsonlWriter
 from datatrove.utils.text import simplify_text
-
-from data_pipeline.dedup import (
+from kiln.data_pipeline.dedup import (
     DedupConfig,
     DedupFilter,
     DedupSignatures,
@@ -23,8 +23,8 @@ from data_pipeline.dedup import (
     normalize_url,
     union_find,
 )
+
 from kiln.config import ConfigError, build_dataclass
-from tests.conftest import shared_file
 
 TASKS = 2
 

@@ -14,11 +14,11 @@ import socket
 from dataclasses import dataclass, field
 
 import pytest
+from conftest import shared_file
 from datatrove.data import Document
 from datatrove.executor import LocalPipelineExecutor
 from datatrove.pipeline.writers import JsonlWriter
-
-from data_pipeline.filters import (
+from kiln.data_pipeline.filters import (
     C4QualityConfig,
     FilterConfig,
     FineWebQualityConfig,
@@ -31,10 +31,10 @@ from data_pipeline.filters import (
     read_examples,
     train_quality_classifier,
 )
-from data_pipeline.filters import cli as filters_cli
-from data_pipeline.filters.training import fasttext_train_supervised
+from kiln.data_pipeline.filters import cli as filters_cli
+from kiln.data_pipeline.filters.training import fasttext_train_supervised
+
 from kiln.config import ConfigError, build_dataclass, load_config
-from tests.conftest import shared_file
 
 
 @pytest.fixture(autouse=True)

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kiln.pretrain.generate import generate, generate_text, metadata_prefix, sample_next
+from kiln.pretrain.testing import smollm2_reference, smollm2_tokenizer
 
 from kiln.cli import main
-from pretrain.generate import generate, generate_text, metadata_prefix, sample_next
-from pretrain.testing import smollm2_reference, smollm2_tokenizer
 
 PROMPT = "The history of the printing press begins"
 
@@ -55,7 +55,7 @@ def test_metadata_prefix_is_prepended(smol, monkeypatch):
     assert metadata_prefix("en.wikipedia.org") == "URL: en.wikipedia.org\n\n"
     assert metadata_prefix(None) == ""
     seen = []
-    import pretrain.generate as gen
+    import kiln.pretrain.generate as gen
 
     real = gen.generate
 
@@ -137,7 +137,7 @@ def test_cli_help_and_bad_arguments(capsys):
 
 
 def test_missing_model_is_a_clear_error(tmp_path):
-    from pretrain.hf_io import load_model
+    from kiln.pretrain.hf_io import load_model
 
     with pytest.raises(FileNotFoundError, match="not a model: expected a directory with model.yaml"):
         load_model(tmp_path)

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kiln.pretrain.hf_io import export_hf, import_hf, load_model, save_model, smollm2_gguf_path
+from kiln.pretrain.testing import run_distributed, smollm2_reference
 
 from kiln.config import ConfigError
-from pretrain.hf_io import export_hf, import_hf, load_model, save_model, smollm2_gguf_path
-from pretrain.testing import run_distributed, smollm2_reference
 
 TOL = 1e-4
 TP_TOL = 5e-4
@@ -123,7 +123,7 @@ def test_document_masking_on_smollm2(smol):
 
 
 def test_tp2_is_refused_before_loading_smollm2(exported, monkeypatch):
-    monkeypatch.setattr("pretrain.hf_io._safetensors_files", lambda *a: pytest.fail("weights read"))
+    monkeypatch.setattr("kiln.pretrain.hf_io._safetensors_files", lambda *a: pytest.fail("weights read"))
     with pytest.raises(ConfigError, match=r"num_attention_heads=9, num_key_value_heads=3.*\[1, 3\]"):
         import_hf(exported, tp_rank=0, tp_size=2)
 

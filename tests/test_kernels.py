@@ -28,12 +28,10 @@ import math  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-
-import kernels  # noqa: E402
-from kernels import _cross_entropy as ce_mod  # noqa: E402
-from kernels import _dispatch  # noqa: E402
-from kernels._attention import _cu_seqlens_from_segments, select_backend  # noqa: E402
-from kernels.reference import (  # noqa: E402
+from kiln.kernels import _cross_entropy as ce_mod  # noqa: E402
+from kiln.kernels import _dispatch  # noqa: E402
+from kiln.kernels._attention import _cu_seqlens_from_segments, select_backend  # noqa: E402
+from kiln.kernels.reference import (  # noqa: E402
     apply_rope_ref,
     attention_ref,
     cross_entropy_ref,
@@ -41,6 +39,8 @@ from kernels.reference import (  # noqa: E402
     segment_ids_from_cu_seqlens,
     swiglu_ref,
 )
+
+from kiln import kernels  # noqa: E402
 
 ATTN_FWD = dict(atol=2e-5, rtol=1e-4)
 ATTN_BWD = dict(atol=5e-5, rtol=1e-4)

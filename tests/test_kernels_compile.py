@@ -1,6 +1,6 @@
 """The Triton kernels compile for an H100 (sm_90, bf16 configs the CUDA host code launches) without a GPU.
 
-Runs ``python -m kernels.compile_check`` in a subprocess with TRITON_INTERPRET unset (test_kernels.py sets it for
+Runs ``python -m kiln.kernels.compile_check`` in a subprocess with TRITON_INTERPRET unset (test_kernels.py sets it for
 this process, and the interpreter replaces the jit functions). Triton lowers each kernel to PTX and assembles it
 with the ptxas bundled in the triton wheel; the check also fails when a kernel needs more shared memory than an
 sm_90 block has. Numerical correctness is covered by tests/test_kernels.py under the interpreter.
@@ -27,7 +27,7 @@ def test_triton_kernels_compile_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     proc = subprocess.run(
-        [sys.executable, "-m", "kernels.compile_check", "--arch", "90", "--dtype", "bf16"],
+        [sys.executable, "-m", "kiln.kernels.compile_check", "--arch", "90", "--dtype", "bf16"],
         cwd=REPO,
         env=env,
         capture_output=True,

@@ -6,11 +6,11 @@ import hashlib
 import json
 
 import pytest
+from conftest import shared_file
 from datatrove.data import Document
+from kiln.data_pipeline.metadata import AddMetadata, MetadataConfig, url_host
 
-from data_pipeline.metadata import AddMetadata, MetadataConfig, url_host
 from kiln.config import ConfigError, build_dataclass
-from tests.conftest import shared_file
 
 
 @pytest.mark.parametrize(

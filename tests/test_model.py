@@ -8,12 +8,12 @@ import json
 
 import pytest
 import torch
+from kiln.pretrain.config import ModelConfig, from_hf_config, to_hf_config
+from kiln.pretrain.hf_io import export_hf, import_hf, import_hf_model
+from kiln.pretrain.model import KilnLlama, positions_from_segments
+from kiln.pretrain.testing import run_distributed, single_process_group
 
 from kiln.config import ConfigError, load_config, to_dict
-from pretrain.config import ModelConfig, from_hf_config, to_hf_config
-from pretrain.hf_io import export_hf, import_hf, import_hf_model
-from pretrain.model import KilnLlama, positions_from_segments
-from pretrain.testing import run_distributed, single_process_group
 
 ROPES = {
     "default": None,
@@ -161,7 +161,7 @@ def test_megatron_layers_at_tp1_equal_local_layers():
 
 
 def _tp2_worker(rank, world_size, hf_dir, out_dir):
-    from pretrain.hf_io import export_hf, import_hf
+    from kiln.pretrain.hf_io import export_hf, import_hf
 
     cfg = ModelConfig(
         vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -322,7 +322,7 @@ def test_import_refuses_tp_before_reading_weights(tmp_path, monkeypatch):
     def no_weights(*a, **k):
         raise AssertionError("weights were read before the TP check")
 
-    monkeypatch.setattr("pretrain.hf_io._safetensors_files", no_weights)
+    monkeypatch.setattr("kiln.pretrain.hf_io._safetensors_files", no_weights)
     with pytest.raises(ConfigError, match=r"tensor parallel size 2 does not divide num_key_value_heads=1"):
         import_hf(tmp_path, tp_rank=0, tp_size=2)
 
@@ -332,7 +332,7 @@ def test_import_refuses_unsupported_rope_before_reading_weights(tmp_path, monkey
     config = json.loads((tmp_path / "config.json").read_text())
     config["rope_parameters"] = {"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1], "long_factor": [1]}
     (tmp_path / "config.json").write_text(json.dumps(config))
-    monkeypatch.setattr("pretrain.hf_io._safetensors_files", lambda *a: pytest.fail("weights read"))
+    monkeypatch.setattr("kiln.pretrain.hf_io._safetensors_files", lambda *a: pytest.fail("weights read"))
     with pytest.raises(ConfigError, match="longrope"):
         import_hf(tmp_path)
 
@@ -344,7 +344,7 @@ def test_import_names_the_tensor_with_a_wrong_shape_before_loading(tmp_path, mon
     tensors = load_file(tmp_path / "model.safetensors")
     tensors["model.layers.1.mlp.up_proj.weight"] = torch.zeros(95, 64)
     save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
-    monkeypatch.setattr("pretrain.hf_io.KilnLlama", lambda *a, **k: pytest.fail("model built before shape check"))
+    monkeypatch.setattr("kiln.pretrain.hf_io.KilnLlama", lambda *a, **k: pytest.fail("model built before shape check"))
     with pytest.raises(ValueError, match=r"'layers.1.mlp.up_proj.weight' has shape \[95, 64\].*\[96, 64\]"):
         import_hf(tmp_path)
     tensors["model.layers.1.mlp.up_proj.weight"] = torch.zeros(96, 64)

@@ -10,10 +10,9 @@ import numpy as np
 import pytest
 import torch
 from datatrove.data import Document
-
-from data_pipeline.metadata import AddMetadata
-from data_pipeline.tokenize import TokenizerTrainConfig, load_tokenizer, tokenize_documents, train_tokenizer
-from pretrain.data import (
+from kiln.data_pipeline.metadata import AddMetadata
+from kiln.data_pipeline.tokenize import TokenizerTrainConfig, load_tokenizer, tokenize_documents, train_tokenizer
+from kiln.pretrain.data import (
     DataConfig,
     DataError,
     DatasetSpec,
@@ -269,8 +268,8 @@ def test_pack_sample_without_mask_dataset():
 def test_packed_batch_loss_equals_per_document_loss(corpus):
     """The fields honour document boundaries in the model: per-token losses of a packed sample equal those of
     each document piece run on its own, and masked labels (next document's BOS) carry no loss."""
-    from pretrain.config import ModelConfig
-    from pretrain.model import KilnLlama
+    from kiln.pretrain.config import ModelConfig
+    from kiln.pretrain.model import KilnLlama
 
     cfg = ModelConfig(
         vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

@@ -15,9 +15,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from datatrove.data import Document
-
-from data_pipeline.refine import EndpointBackendConfig, RefineConfig, RefineStep, RewriteCache, lexical_simplicity
-from data_pipeline.refine.backends import EndpointError, chat_completions_url, parse_chat_completion
+from kiln.data_pipeline.refine import EndpointBackendConfig, RefineConfig, RefineStep, RewriteCache, lexical_simplicity
+from kiln.data_pipeline.refine.backends import EndpointError, chat_completions_url, parse_chat_completion
 
 SECRET = "s3cret-token-xyz"
 STALL_S = 1.5  # the server's stall; the client gives up after TIMEOUT_S

@@ -7,11 +7,10 @@ import importlib.util
 
 import pytest
 import torch
+from conftest import shared_file
 from datatrove.data import Document
-
-from data_pipeline.refine import LocalBackend, LocalBackendConfig, RefineConfig, RefineStep, lexical_simplicity
-from data_pipeline.refine.rules import chunk_sentences, clean_text
-from tests.conftest import shared_file
+from kiln.data_pipeline.refine import LocalBackend, LocalBackendConfig, RefineConfig, RefineStep, lexical_simplicity
+from kiln.data_pipeline.refine.rules import chunk_sentences, clean_text
 
 pytestmark = pytest.mark.slow
 

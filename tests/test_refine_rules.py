@@ -7,8 +7,7 @@ import pickle
 
 import pytest
 from datatrove.data import Document
-
-from data_pipeline.refine import (
+from kiln.data_pipeline.refine import (
     GENRES,
     EndpointBackendConfig,
     LocalBackendConfig,
@@ -22,8 +21,8 @@ from data_pipeline.refine import (
     resolve_genre,
     system_prompt,
 )
-from data_pipeline.refine.backends import resolve_local_model
-from data_pipeline.refine.rules import (
+from kiln.data_pipeline.refine.backends import resolve_local_model
+from kiln.data_pipeline.refine.rules import (
     ChunkDeduper,
     approx_token_count,
     chunk_hash,
@@ -37,7 +36,8 @@ from data_pipeline.refine.rules import (
     strip_urls_emails,
     trim_to_last_sentence,
 )
-from data_pipeline.refine.simplicity import common_words, words
+from kiln.data_pipeline.refine.simplicity import common_words, words
+
 from kiln.config import ConfigError, build_dataclass
 
 

@@ -10,10 +10,10 @@ import warnings
 
 import numpy as np
 import pytest
+from conftest import shared_file
 from datatrove.data import Document
-
-from data_pipeline.metadata import AddMetadata
-from data_pipeline.tokenize import (
+from kiln.data_pipeline.metadata import AddMetadata
+from kiln.data_pipeline.tokenize import (
     EmptyCorpusError,
     HFTokenizer,
     SentencePieceTokenizer,
@@ -31,9 +31,9 @@ from data_pipeline.tokenize import (
     tokenize_documents,
     train_tokenizer,
 )
-from data_pipeline.tokenize.cli import register
+from kiln.data_pipeline.tokenize.cli import register
+
 from kiln.config import ConfigError
-from tests.conftest import shared_file
 
 WORDS = (
     "the kiln fires clay at high heat and the glaze melts into glass while potters wait for the door to cool "
@@ -124,10 +124,9 @@ def test_hf_export_gives_the_same_ids_and_fingerprint(tok_dir):
 
 
 def test_hf_model_dirs_and_tokenizers_without_bos(tok_dir, tmp_path, megatron):
+    from kiln.data_pipeline.tokenize.indexed import token_dtype
     from tokenizers import Tokenizer as HF
     from tokenizers import models, pre_tokenizers
-
-    from data_pipeline.tokenize.indexed import token_dtype
 
     model_dir = tmp_path / "hf_model"
     model_dir.mkdir()

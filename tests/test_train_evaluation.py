@@ -14,8 +14,7 @@ import os
 from pathlib import Path
 
 import pytest
-
-from pretrain.testing import run_distributed
+from kiln.pretrain.testing import run_distributed
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "recipes" / "pretrain" / "tiny.yaml")
@@ -26,15 +25,14 @@ VAL_BATCHES, VAL_MICRO = 4, 2
 def _train_with_eval(rank: int, world_size: int, overrides: list[str], evaluate: bool, run_dir: str) -> dict:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import torch
-
-    from parallel.topology import destroy_parallel, init_parallel
-    from pretrain.callbacks.base import Callback
-    from pretrain.callbacks.evaluation import EngineEvaluator
-    from pretrain.engine import TrainEngine, collate_indices
-    from pretrain.engine.batches import SyntheticTokens
-    from pretrain.model import KilnLlama
-    from pretrain.recipe import load_recipe
-    from pretrain.train import train
+    from kiln.parallel.topology import destroy_parallel, init_parallel
+    from kiln.pretrain.callbacks.base import Callback
+    from kiln.pretrain.callbacks.evaluation import EngineEvaluator
+    from kiln.pretrain.engine import TrainEngine, collate_indices
+    from kiln.pretrain.engine.batches import SyntheticTokens
+    from kiln.pretrain.model import KilnLlama
+    from kiln.pretrain.recipe import load_recipe
+    from kiln.pretrain.train import train
 
     recipe = load_recipe(TINY, [*OVERRIDES, *overrides, f"run_dir={run_dir}"])
     ctx = init_parallel(recipe.layout(world_size), timeout_s=120)

@@ -10,8 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-from pretrain.testing import run_distributed
+from kiln.pretrain.testing import run_distributed
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "recipes" / "pretrain" / "tiny.yaml"
@@ -22,7 +21,7 @@ def test_torchrun_pipeline_run_writes_metrics(tmp_path):
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-        "-m", "pretrain.train", str(TINY),
+        "-m", "kiln.pretrain.train", str(TINY),
         "parallel.pp=2", "train_steps=4", "log_interval=2", f"run_dir={tmp_path}",
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
@@ -38,9 +37,8 @@ def _stuck_peer(rank: int, world_size: int) -> dict:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import torch
     import torch.distributed as dist
-
-    from parallel.topology import destroy_parallel, init_parallel
-    from pretrain.recipe import Layout
+    from kiln.parallel.topology import destroy_parallel, init_parallel
+    from kiln.pretrain.recipe import Layout
 
     ctx = init_parallel(Layout(tp=1, pp=1, dp=2), timeout_s=2)
     later_group = dist.new_group([0, 1])  # created the way DeepSpeed creates its groups: no explicit timeout

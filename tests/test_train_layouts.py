@@ -15,8 +15,7 @@ import os
 from pathlib import Path
 
 import pytest
-
-from pretrain.testing import run_distributed
+from kiln.pretrain.testing import run_distributed
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "recipes" / "pretrain" / "tiny.yaml")
@@ -51,11 +50,11 @@ TWO_RANK_LAYOUTS = {
 def _train_layouts(rank: int, world_size: int, layouts: dict[str, list[str]]) -> dict[str, list[tuple]]:
     """Runs in each spawned rank: train every layout in turn on the same processes, rebuilding the groups."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from parallel.topology import destroy_parallel, init_parallel
-    from pretrain.callbacks.base import Callback
-    from pretrain.engine import TrainEngine
-    from pretrain.recipe import load_recipe
-    from pretrain.train import train
+    from kiln.parallel.topology import destroy_parallel, init_parallel
+    from kiln.pretrain.callbacks.base import Callback
+    from kiln.pretrain.engine import TrainEngine
+    from kiln.pretrain.recipe import load_recipe
+    from kiln.pretrain.train import train
 
     class Record(Callback):
         def __init__(self):

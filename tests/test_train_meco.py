@@ -3,7 +3,7 @@ their plain twins after, and the metadata (and BOS) tokens never contributing to
 
 A small ``_meco`` / ``_plain`` pair is written with our tokenizer code (every document has a URL, so every
 ``_meco`` document starts ``[BOS] URL: <host>\\n\\n``). The tiny model is trained for 10 steps with
-``meco.cooldown_fraction = 0.3`` (cooldown step 7) by ``pretrain.train.train`` on one gloo rank; the engine's
+``meco.cooldown_fraction = 0.3`` (cooldown step 7) by ``kiln.pretrain.train.train`` on one gloo rank; the engine's
 ``train_step`` is wrapped to record exactly the micro-batches it receives. The test then checks, sample by
 sample, which twin they come from and that the loss mask is 0 on exactly the BOS and metadata positions.
 """
@@ -19,11 +19,10 @@ import numpy as np
 import pytest
 import torch
 from datatrove.data import Document
-
-from data_pipeline.metadata import AddMetadata
-from data_pipeline.tokenize import TokenizerTrainConfig, load_tokenizer, tokenize_documents, train_tokenizer
-from pretrain.data import cooldown_step, phase_for_step
-from pretrain.testing import run_distributed
+from kiln.data_pipeline.metadata import AddMetadata
+from kiln.data_pipeline.tokenize import TokenizerTrainConfig, load_tokenizer, tokenize_documents, train_tokenizer
+from kiln.pretrain.data import cooldown_step, phase_for_step
+from kiln.pretrain.testing import run_distributed
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "recipes" / "pretrain" / "tiny.yaml")
@@ -60,12 +59,12 @@ def corpus(tmp_path_factory):
 def _train_and_record(rank: int, world_size: int, prefix: str, run_dir: str) -> dict:
     """In the spawned rank: train with the real loop and record what the engine receives at every step."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from parallel.topology import destroy_parallel, init_parallel
-    from pretrain.callbacks.base import Callback
-    from pretrain.data import DataConfig, DatasetSpec, MecoConfig
-    from pretrain.engine import TrainEngine
-    from pretrain.recipe import load_recipe
-    from pretrain.train import train
+    from kiln.parallel.topology import destroy_parallel, init_parallel
+    from kiln.pretrain.callbacks.base import Callback
+    from kiln.pretrain.data import DataConfig, DatasetSpec, MecoConfig
+    from kiln.pretrain.engine import TrainEngine
+    from kiln.pretrain.recipe import load_recipe
+    from kiln.pretrain.train import train
 
     recipe = load_recipe(
         TINY,
@@ -104,7 +103,7 @@ def _train_and_record(rank: int, world_size: int, prefix: str, run_dir: str) -> 
     losses = Losses()
     state = train(recipe, [losses], ctx=ctx, loggers=False, engine=engine)
     destroy_parallel()
-    from pretrain.train import build_dataset
+    from kiln.pretrain.train import build_dataset
 
     data = build_dataset(recipe)  # the same config the loop built its data from: where each sample came from
     infos = [data.info(i) for i in range(STEPS * GLOBAL_BATCH)]
@@ -195,9 +194,9 @@ def test_metadata_and_bos_never_carry_loss(run, corpus):
 def test_masked_labels_do_not_change_the_loss(run):
     """What the engine computes from a received meco batch does not depend on the labels at mask-0 positions
     (the metadata and BOS labels): replacing them all leaves the loss and its gradients bitwise unchanged."""
-    from pretrain.config import ModelConfig
-    from pretrain.model import KilnLlama
-    from pretrain.recipe import load_recipe
+    from kiln.pretrain.config import ModelConfig
+    from kiln.pretrain.model import KilnLlama
+    from kiln.pretrain.recipe import load_recipe
 
     cfg: ModelConfig = load_recipe(TINY, ["model.vocab_size=384"]).model
     model = KilnLlama(cfg, tp_group=None, init_seed=0)

@@ -5,7 +5,7 @@
   ``metrics.jsonl`` at steps 2, 4, ... with finite values.
 * A forward hook makes the loss NaN at one step: that step's update is skipped (the weights after it equal the
   weights before it), it is counted once, and training continues with finite losses; at one rank (ZeRO 0) and
-  at DP2 with ZeRO 1, 2 and 3 (PP = 1; see ``pretrain.engine.core`` for PP > 1).
+  at DP2 with ZeRO 1, 2 and 3 (PP = 1; see ``kiln.pretrain.engine.core`` for PP > 1).
   With ``max_nan_steps=0`` the first NaN stops the run with exit code 1 and a message naming the setting.
 """
 
@@ -17,8 +17,7 @@ import os
 from pathlib import Path
 
 import pytest
-
-from pretrain.testing import run_distributed
+from kiln.pretrain.testing import run_distributed
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "recipes" / "pretrain" / "tiny.yaml")
@@ -26,9 +25,9 @@ TINY = str(REPO / "recipes" / "pretrain" / "tiny.yaml")
 
 def _train_eval(rank: int, world_size: int, run_dir: str) -> list[dict]:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from parallel.topology import destroy_parallel, init_parallel
-    from pretrain.recipe import load_recipe
-    from pretrain.train import train
+    from kiln.parallel.topology import destroy_parallel, init_parallel
+    from kiln.pretrain.recipe import load_recipe
+    from kiln.pretrain.train import train
 
     recipe = load_recipe(
         TINY, ["train_steps=6", "log_interval=1", "eval.interval=2", "eval.batches=2", f"run_dir={run_dir}"]
@@ -42,12 +41,11 @@ def _train_eval(rank: int, world_size: int, run_dir: str) -> list[dict]:
 def _train_nan(rank: int, world_size: int, overrides: list[str], nan_at: int, run_dir: str) -> dict:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import torch
-
-    from parallel.topology import destroy_parallel, init_parallel
-    from pretrain.callbacks.base import Callback
-    from pretrain.engine import TrainEngine
-    from pretrain.recipe import load_recipe
-    from pretrain.train import train
+    from kiln.parallel.topology import destroy_parallel, init_parallel
+    from kiln.pretrain.callbacks.base import Callback
+    from kiln.pretrain.engine import TrainEngine
+    from kiln.pretrain.recipe import load_recipe
+    from kiln.pretrain.train import train
 
     recipe = load_recipe(TINY, ["train_steps=5", "log_interval=1", f"run_dir={run_dir}", *overrides])
     ctx = init_parallel(recipe.layout(world_size), timeout_s=120)

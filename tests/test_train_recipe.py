@@ -6,10 +6,10 @@ import math
 from pathlib import Path
 
 import pytest
+from kiln.pretrain.recipe import TrainRecipe, load_recipe
+from kiln.pretrain.schedule import LRSchedule
 
 from kiln.config import ConfigError
-from pretrain.recipe import TrainRecipe, load_recipe
-from pretrain.schedule import LRSchedule
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "pretrain"
 TINY = RECIPES / "tiny.yaml"
@@ -121,7 +121,7 @@ def test_batch_rampup_follows_megatron_rule():
 
 
 def test_dry_run_prints_partition_and_memory(capsys):
-    from pretrain.train import main
+    from kiln.pretrain.train import main
 
     rc = main([str(RECIPES / "llama_1b.yaml"), "--dry-run", "--world-size", "16", "parallel.tp=2", "parallel.pp=4"])
     out = capsys.readouterr().out
@@ -138,7 +138,7 @@ def test_dry_run_prints_partition_and_memory(capsys):
 
 
 def test_dry_run_rejects_bad_world_size(capsys):
-    from pretrain.train import main
+    from kiln.pretrain.train import main
 
     assert main([str(TINY), "--dry-run", "--world-size", "6", "parallel.pp=4"]) == 2
     assert "world size 6 is not divisible by parallel.tp x parallel.pp = 1 x 4" in capsys.readouterr().err
@@ -146,9 +146,8 @@ def test_dry_run_rejects_bad_world_size(capsys):
 
 def test_missing_data_fails_before_any_process_group(tmp_path):
     import torch.distributed as dist
-
-    from pretrain.data import DataError
-    from pretrain.train import train
+    from kiln.pretrain.data import DataError
+    from kiln.pretrain.train import train
 
     recipe = tiny("synthetic_data=null", f"data={{datasets: [{{prefix: {tmp_path}/nope}}], seq_length: 32}}")
     with pytest.raises(DataError):

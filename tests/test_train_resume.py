@@ -2,7 +2,7 @@
 
 * Exact resume (1 rank, separate processes as a real job): an uninterrupted 12-step run through the CLI is the
   reference; a second run is SIGKILLed at a random step after a checkpoint exists, a half-written checkpoint is
-  left beside it, and ``python -m pretrain.train ... resume=true`` continues: every step after the checkpoint
+  left beside it, and ``python -m kiln.pretrain.train ... resume=true`` continues: every step after the checkpoint
   has bitwise the reference loss and gradient norm (CPU fp32).
 * SIGTERM: the run finishes its step, writes a checkpoint of that step, exits 0; resuming it is bitwise exact too.
 * Layout change (one 4-rank launch, one 1-rank launch): TP2xPP2 trains 6 steps saving at step 3; resuming that
@@ -41,7 +41,7 @@ ENV = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str
 
 
 def _cli(run_dir: Path, *overrides: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "pretrain.train", TINY, *COMMON, f"run_dir={run_dir}", *overrides]
+    cmd = [sys.executable, "-m", "kiln.pretrain.train", TINY, *COMMON, f"run_dir={run_dir}", *overrides]
     proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -93,7 +93,7 @@ def reference(tmp_path_factory) -> dict[int, tuple[float, float]]:
 
 @pytest.mark.slow
 def test_sigkill_then_resume_is_bitwise_exact(tmp_path, reference):
-    from pretrain.checkpoint import find_latest_checkpoint, load_train_state
+    from kiln.pretrain.checkpoint import find_latest_checkpoint, load_train_state
 
     kill_after = random.Random().choice([2, 4, 6, 8])  # a random checkpoint step to kill the run after
     ckpts = tmp_path / "checkpoints"
@@ -125,7 +125,7 @@ def test_sigkill_then_resume_is_bitwise_exact(tmp_path, reference):
 
 @pytest.mark.slow
 def test_sigterm_saves_exits_zero_and_resumes_exactly(tmp_path, reference):
-    from pretrain.checkpoint import find_latest_checkpoint, load_train_state
+    from kiln.pretrain.checkpoint import find_latest_checkpoint, load_train_state
 
     proc = _slow_worker(tmp_path, 0.25, "checkpoint.interval=0")  # no periodic saves: only the signal's
     _wait_for(lambda: _steps_logged(tmp_path) >= 3, proc)
@@ -146,9 +146,10 @@ def test_sigterm_saves_exits_zero_and_resumes_exactly(tmp_path, reference):
 
 
 def test_resume_from_a_path_without_checkpoint_is_a_clear_error(tmp_path):
+    from kiln.pretrain.recipe import load_recipe
+    from kiln.pretrain.train import resolve_resume
+
     from kiln.config import ConfigError
-    from pretrain.recipe import load_recipe
-    from pretrain.train import resolve_resume
 
     (tmp_path / "step_0000004").mkdir()  # half-written, nothing complete
     recipe = load_recipe(TINY, [f"resume={tmp_path}"])
@@ -178,10 +179,10 @@ class _Recorded:
 def _layout_runs(rank: int, world_size: int, runs: list[tuple[str, list[str]]]) -> dict:
     """In each spawned rank: train every run in turn; per run, per step: loss, grad norm, samples read here."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from parallel.topology import destroy_parallel, init_parallel
-    from pretrain.callbacks.base import Callback
-    from pretrain.recipe import load_recipe
-    from pretrain.train import build_dataset, train
+    from kiln.parallel.topology import destroy_parallel, init_parallel
+    from kiln.pretrain.callbacks.base import Callback
+    from kiln.pretrain.recipe import load_recipe
+    from kiln.pretrain.train import build_dataset, train
 
     class Record(Callback):
         def __init__(self, data):
@@ -205,7 +206,7 @@ def _layout_runs(rank: int, world_size: int, runs: list[tuple[str, list[str]]]) 
 
 @pytest.mark.slow
 def test_resume_at_another_layout(tmp_path):
-    from pretrain.testing import run_distributed
+    from kiln.pretrain.testing import run_distributed
 
     saved, ck = tmp_path / "tp2pp2" / "step_0000003", tmp_path / "tp2pp2"
     four = run_distributed(
@@ -264,7 +265,7 @@ def test_resume_at_another_layout(tmp_path):
 def test_resume_across_zero_stages(tmp_path):
     """ZeRO-3 partitions (padded flat fp32 partitions) saved and resumed at ZeRO 3 (bitwise), 2, 1 and without
     ZeRO, on 2 data-parallel ranks."""
-    from pretrain.testing import run_distributed
+    from kiln.pretrain.testing import run_distributed
 
     ck = tmp_path / "zero3"
     saved = ck / "step_0000003"
@@ -294,10 +295,10 @@ def test_resume_across_zero_stages(tmp_path):
 
 
 def _worker_main(argv: list[str]) -> int:
-    """``RUN_DIR DELAY_S overrides...``: train like ``python -m pretrain.train`` but ``DELAY_S`` slower per step."""
-    from pretrain.callbacks.base import Callback
-    from pretrain.recipe import load_recipe
-    from pretrain.train import train
+    """``RUN_DIR DELAY_S overrides...``: train like ``python -m kiln.pretrain.train`` but ``DELAY_S`` slower per step."""
+    from kiln.pretrain.callbacks.base import Callback
+    from kiln.pretrain.recipe import load_recipe
+    from kiln.pretrain.train import train
 
     delay = float(argv[1])
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from data_pipeline.filters.config import (
+from kiln.data_pipeline.filters.config import (
     FILTER_CONFIGS,
     C4QualityConfig,
     FilterConfig,
@@ -35,17 +35,17 @@ from data_pipeline.filters.config import (
     LanguageConfig,
     QualityClassifierConfig,
 )
-from data_pipeline.filters.training import normalize_text, read_examples, train_quality_classifier
+from kiln.data_pipeline.filters.training import normalize_text, read_examples, train_quality_classifier
 
 if TYPE_CHECKING:
-    from data_pipeline.filters.build import build_filter
-    from data_pipeline.filters.classifier import QualityClassifierFilter
-    from data_pipeline.filters.language import OfflineLanguageFilter
+    from kiln.data_pipeline.filters.build import build_filter
+    from kiln.data_pipeline.filters.classifier import QualityClassifierFilter
+    from kiln.data_pipeline.filters.language import OfflineLanguageFilter
 
 _LAZY = {
-    "build_filter": "data_pipeline.filters.build",
-    "QualityClassifierFilter": "data_pipeline.filters.classifier",
-    "OfflineLanguageFilter": "data_pipeline.filters.language",
+    "build_filter": "kiln.data_pipeline.filters.build",
+    "QualityClassifierFilter": "kiln.data_pipeline.filters.classifier",
+    "OfflineLanguageFilter": "kiln.data_pipeline.filters.language",
 }
 
 

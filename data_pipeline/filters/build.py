@@ -18,9 +18,8 @@ from datatrove.pipeline.filters import (
 from datatrove.pipeline.filters.base_filter import BaseFilter
 from datatrove.pipeline.writers.disk_base import DiskWriter
 from datatrove.utils.text import TERMINAL_PUNCTUATION
-
-from data_pipeline.filters.classifier import QualityClassifierFilter
-from data_pipeline.filters.config import (
+from kiln.data_pipeline.filters.classifier import QualityClassifierFilter
+from kiln.data_pipeline.filters.config import (
     C4QualityConfig,
     FilterConfig,
     FineWebQualityConfig,
@@ -29,7 +28,7 @@ from data_pipeline.filters.config import (
     LanguageConfig,
     QualityClassifierConfig,
 )
-from data_pipeline.filters.language import OfflineLanguageFilter
+from kiln.data_pipeline.filters.language import OfflineLanguageFilter
 
 
 def _disabled_as_minus_one(value: int | None) -> int:

@@ -89,7 +89,7 @@ def format_metrics(metrics: dict) -> str:
 
 
 def cmd_train_quality(args: argparse.Namespace) -> int:
-    from data_pipeline.filters.training import train_quality_classifier
+    from kiln.data_pipeline.filters.training import train_quality_classifier
 
     try:
         metrics = train_quality_classifier(

@@ -10,13 +10,12 @@ Usage::
 from __future__ import annotations
 
 from datatrove.pipeline.base import PipelineStep
-
-from data_pipeline.readers.base import REJECT_REASONS, RobustReader, list_input_files
-from data_pipeline.readers.config import InputConfig
-from data_pipeline.readers.jsonl import JsonlReader
-from data_pipeline.readers.parquet import ParquetReader
-from data_pipeline.readers.text import TextLinesReader
-from data_pipeline.readers.warc import WarcReader
+from kiln.data_pipeline.readers.base import REJECT_REASONS, RobustReader, list_input_files
+from kiln.data_pipeline.readers.config import InputConfig
+from kiln.data_pipeline.readers.jsonl import JsonlReader
+from kiln.data_pipeline.readers.parquet import ParquetReader
+from kiln.data_pipeline.readers.text import TextLinesReader
+from kiln.data_pipeline.readers.warc import WarcReader
 
 READERS: dict[str, type[RobustReader]] = {
     "jsonl": JsonlReader,

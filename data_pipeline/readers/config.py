@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-from data_pipeline.readers.base import list_input_files, resolve_input_path
+from kiln.data_pipeline.readers.base import list_input_files, resolve_input_path
 
 InputKind = Literal["jsonl", "parquet", "warc", "text"]
 

@@ -6,9 +6,8 @@ from collections.abc import Iterator
 
 import orjson
 from datatrove.data import Document
-
-from data_pipeline.readers.base import RecordRejected, RobustReader, describe_type
-from data_pipeline.readers.streams import decompressed_chunks, iter_lines
+from kiln.data_pipeline.readers.base import RecordRejected, RobustReader, describe_type
+from kiln.data_pipeline.readers.streams import decompressed_chunks, iter_lines
 
 _BOM = b"\xef\xbb\xbf"
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from datatrove.data import Document
-
-from data_pipeline.readers.base import RobustReader
-from data_pipeline.readers.streams import decompressed_chunks, iter_lines
+from kiln.data_pipeline.readers.base import RobustReader
+from kiln.data_pipeline.readers.streams import decompressed_chunks, iter_lines
 
 _BOM = b"\xef\xbb\xbf"
 

@@ -24,9 +24,8 @@ from typing import BinaryIO
 
 from datatrove.data import Document
 from datatrove.pipeline.extractors.base import ExtractorSandbox
-
-from data_pipeline.readers.base import RobustReader
-from data_pipeline.readers.streams import StreamDamaged, decompressed_chunks
+from kiln.data_pipeline.readers.base import RobustReader
+from kiln.data_pipeline.readers.streams import StreamDamaged, decompressed_chunks
 
 HTML_TYPES = ("text/html", "application/xhtml+xml")
 _CHARSET_RE = re.compile(r"charset\s*=\s*[\"']?([\w.:-]+)", re.IGNORECASE)

@@ -3,14 +3,14 @@ datasets with a parallel loss mask and a ``.meta.json``). See `indexed` for the 
 
 Public API::
 
-    from data_pipeline.tokenize import (
+    from kiln.data_pipeline.tokenize import (
         Tokenizer, load_tokenizer, TokenizerTrainConfig, train_tokenizer,
         TokenizeToIndexed, MergeIndexedShards, merge_shards, list_shards,
         check_tokenizer_matches, open_tokenized, inspect_tokenized,
     )
 """
 
-from data_pipeline.tokenize.indexed import (
+from kiln.data_pipeline.tokenize.indexed import (
     MergeIndexedShards,
     TokenizerMismatchError,
     TokenizeToIndexed,
@@ -23,8 +23,8 @@ from data_pipeline.tokenize.indexed import (
     read_meta,
     tokenize_documents,
 )
-from data_pipeline.tokenize.inspection import inspect_tokenized
-from data_pipeline.tokenize.tokenizer import (
+from kiln.data_pipeline.tokenize.inspection import inspect_tokenized
+from kiln.data_pipeline.tokenize.tokenizer import (
     HFTokenizer,
     SentencePieceTokenizer,
     TokenizeError,
@@ -33,7 +33,7 @@ from data_pipeline.tokenize.tokenizer import (
     load_tokenizer,
     sentencepiece_to_hf,
 )
-from data_pipeline.tokenize.train import EmptyCorpusError, TokenizerTrainConfig, train_tokenizer
+from kiln.data_pipeline.tokenize.train import EmptyCorpusError, TokenizerTrainConfig, train_tokenizer
 
 __all__ = [
     "EmptyCorpusError",

@@ -110,8 +110,8 @@ def register(data_subparsers) -> None:
 
 
 def _train_tokenizer_cmd(args) -> int:
-    from data_pipeline.tokenize.tokenizer import load_tokenizer
-    from data_pipeline.tokenize.train import TokenizerTrainConfig, train_tokenizer
+    from kiln.data_pipeline.tokenize.tokenizer import load_tokenizer
+    from kiln.data_pipeline.tokenize.train import TokenizerTrainConfig, train_tokenizer
 
     cfg = TokenizerTrainConfig(
         inputs=args.inputs,
@@ -145,8 +145,7 @@ def _train_tokenizer_cmd(args) -> int:
 
 def _jsonl_reader(inputs: list[str], text_key: str, out_dir: Path):
     from datatrove.pipeline.readers import JsonlReader
-
-    from data_pipeline.tokenize.train import JSONL_SUFFIXES, expand_inputs
+    from kiln.data_pipeline.tokenize.train import JSONL_SUFFIXES, expand_inputs
 
     files = [f.resolve() for f in expand_inputs(inputs, JSONL_SUFFIXES)]
     root = Path(os.path.commonpath([str(f.parent) for f in files]))
@@ -157,9 +156,8 @@ def _jsonl_reader(inputs: list[str], text_key: str, out_dir: Path):
 
 def _tokenize_cmd(args) -> int:
     from datatrove.executor import LocalPipelineExecutor
-
-    from data_pipeline.metadata import AddMetadata, MetadataConfig
-    from data_pipeline.tokenize.indexed import (
+    from kiln.data_pipeline.metadata import AddMetadata, MetadataConfig
+    from kiln.data_pipeline.tokenize.indexed import (
         TokenizeToIndexed,
         dataset_prefix,
         list_shards,
@@ -168,7 +166,7 @@ def _tokenize_cmd(args) -> int:
         read_meta,
         shard_variants,
     )
-    from data_pipeline.tokenize.tokenizer import TokenizeError, load_tokenizer
+    from kiln.data_pipeline.tokenize.tokenizer import TokenizeError, load_tokenizer
 
     if args.tasks < 1:
         raise TokenizeError(f"--tasks must be >= 1, got {args.tasks}")
@@ -208,7 +206,7 @@ def _tokenize_cmd(args) -> int:
 
 
 def _inspect_cmd(args) -> int:
-    from data_pipeline.tokenize.inspection import inspect_tokenized
+    from kiln.data_pipeline.tokenize.inspection import inspect_tokenized
 
     sys.stdout.write(inspect_tokenized(args.prefix, args.tokenizer, n=args.n, start=args.start, color=args.color))
     return 0

@@ -23,7 +23,7 @@ segments and concatenated, so a mask boundary always falls between tokens, and t
 are identical in the ``_meco`` and ``_plain`` variants.
 
 MeCo: with ``meco=True`` the corpus is written twice from one tokenization pass: ``<prefix>_meco`` (with the
-prefix from `data_pipeline.metadata.AddMetadata`) and ``<prefix>_plain`` (without), so the trainer switches
+prefix from `kiln.data_pipeline.metadata.AddMetadata`) and ``<prefix>_plain`` (without), so the trainer switches
 datasets for the cooldown. Without MeCo a single dataset ``<prefix>`` is written.
 
 Parallelism: `TokenizeToIndexed` is a datatrove step; rank ``r`` writes the shard ``<prefix>_<r:05d>`` (plus
@@ -44,10 +44,9 @@ import numpy as np
 from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
 from datatrove.utils.batching import batched
-
-from data_pipeline.metadata import META_PREFIX_KEY
-from data_pipeline.tokenize.tokenizer import TokenizeError, Tokenizer, load_tokenizer
-from data_pipeline.tokenize.train import EmptyCorpusError
+from kiln.data_pipeline.metadata import META_PREFIX_KEY
+from kiln.data_pipeline.tokenize.tokenizer import TokenizeError, Tokenizer, load_tokenizer
+from kiln.data_pipeline.tokenize.train import EmptyCorpusError
 
 FORMAT = "kiln-indexed-v1"
 LOSS_MASK_SUFFIX = "_loss_mask"

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import os
 
-from data_pipeline.tokenize.indexed import check_tokenizer_matches, open_tokenized, read_meta
-from data_pipeline.tokenize.tokenizer import TokenizeError, Tokenizer, load_tokenizer
+from kiln.data_pipeline.tokenize.indexed import check_tokenizer_matches, open_tokenized, read_meta
+from kiln.data_pipeline.tokenize.tokenizer import TokenizeError, Tokenizer, load_tokenizer
 
 NO_LOSS_OPEN, NO_LOSS_CLOSE = "⟦", "⟧"
 DIM, RESET = "\x1b[2m", "\x1b[0m"

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from data_pipeline.tokenize.tokenizer import (
+from kiln.data_pipeline.tokenize.tokenizer import (
     HF_TOKENIZER_FILE,
     KILN_SPECIALS_FILE,
     SPM_MODEL_FILE,

@@ -7,12 +7,12 @@ A typical list, in this order (the loggers read what `Throughput` and `NanGuard`
      Evaluator(loss_fn, batches, eval_interval, sink=callback_list)]
 """
 
-from pretrain.callbacks.base import Callback, CallbackList, TrainState
-from pretrain.callbacks.flops import PEAK_FLOPS, flops_per_token, measure_cpu_peak_flops, peak_flops_per_device
-from pretrain.callbacks.metrics_file import METRICS_FILE, MetricsFile, read_metrics
-from pretrain.callbacks.nan_guard import NanGuard
-from pretrain.callbacks.throughput import ConsoleLogger, Throughput, format_duration
-from pretrain.callbacks.wandb_logger import WandbLogger, find_offline_runs, read_wandb_history
+from kiln.pretrain.callbacks.base import Callback, CallbackList, TrainState
+from kiln.pretrain.callbacks.flops import PEAK_FLOPS, flops_per_token, measure_cpu_peak_flops, peak_flops_per_device
+from kiln.pretrain.callbacks.metrics_file import METRICS_FILE, MetricsFile, read_metrics
+from kiln.pretrain.callbacks.nan_guard import NanGuard
+from kiln.pretrain.callbacks.throughput import ConsoleLogger, Throughput, format_duration
+from kiln.pretrain.callbacks.wandb_logger import WandbLogger, find_offline_runs, read_wandb_history
 
 __all__ = [
     "METRICS_FILE",

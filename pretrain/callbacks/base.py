@@ -8,7 +8,7 @@ The train loop owns a :class:`TrainState` and calls, in order:
 * ``on_train_end(state)`` once, also on early stop.
 
 Callbacks communicate back through the state flags (``should_stop``, ``should_save``) and, for a
-single step, through ``metrics["skip"]`` (see :class:`pretrain.callbacks.nan_guard.NanGuard`).
+single step, through ``metrics["skip"]`` (see :class:`kiln.pretrain.callbacks.nan_guard.NanGuard`).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Held-out loss / perplexity during training, from a ``TrainEngine``, at any layout.
 
-``pretrain.evaluate`` has the reduction (`evaluate`) and the interval callback (`Evaluator`); this module
+``kiln.pretrain.evaluate`` has the reduction (`evaluate`) and the interval callback (`Evaluator`); this module
 gives them what they need from the trainer:
 
 * `engine_loss_fn(engine)`: ``batch -> (loss_sum, token_count)`` of the engine's model on one validation batch
@@ -15,7 +15,7 @@ gives them what they need from the trainer:
   global batches at every DP size.
 * `EngineEvaluator(engine, batches, interval)`: an `Evaluator` wired to both, reducing over the data-parallel
   group only (TP and PP ranks of one replica already hold the same numbers). Pass it to
-  ``pretrain.train.train(recipe, callbacks=[...])``; ``sink`` gets ``on_eval`` (e.g. a `MetricsFile`).
+  ``kiln.pretrain.train.train(recipe, callbacks=[...])``; ``sink`` gets ``on_eval`` (e.g. a `MetricsFile`).
 """
 
 from __future__ import annotations
@@ -24,15 +24,14 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-
-from pretrain.callbacks.base import Callback
-from pretrain.evaluate import Evaluator, evaluate
+from kiln.pretrain.callbacks.base import Callback
+from kiln.pretrain.evaluate import Evaluator, evaluate
 
 Batch = dict[str, torch.Tensor]
 
 
 def engine_loss_fn(engine) -> Callable[[Batch], tuple[torch.Tensor, torch.Tensor]]:
-    """``batch -> (loss_sum, token_count)`` of ``engine`` (a ``pretrain.engine.TrainEngine``) on this rank's
+    """``batch -> (loss_sum, token_count)`` of ``engine`` (a ``kiln.pretrain.engine.TrainEngine``) on this rank's
     slice of a validation batch; see the module docstring."""
 
     def counted(batch: Batch) -> torch.Tensor:

@@ -36,7 +36,7 @@ PEAK_FLOPS: dict[tuple[str, str], float] = {
 
 
 def flops_per_token(cfg, seq_length: int, causal: bool = False) -> float:
-    """Training FLOPs per token of a Llama-architecture model (``pretrain.config.ModelConfig``)."""
+    """Training FLOPs per token of a Llama-architecture model (``kiln.pretrain.config.ModelConfig``)."""
     h, layers, vocab = cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size
     head_dim = cfg.head_dim or h // cfg.num_attention_heads
     q = cfg.num_attention_heads * head_dim

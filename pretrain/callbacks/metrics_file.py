@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pretrain.callbacks.base import Callback, TrainState
+from kiln.pretrain.callbacks.base import Callback, TrainState
 
 METRICS_FILE = "metrics.jsonl"
 

@@ -6,7 +6,7 @@ import logging
 import math
 from typing import Any
 
-from pretrain.callbacks.base import Callback, TrainState
+from kiln.pretrain.callbacks.base import Callback, TrainState
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from pretrain.callbacks.base import Callback, TrainState
+from kiln.pretrain.callbacks.base import Callback, TrainState
 
 
 def format_duration(seconds: float) -> str:

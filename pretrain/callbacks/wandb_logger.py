@@ -16,8 +16,8 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from pretrain.callbacks.base import Callback, TrainState
-from pretrain.callbacks.metrics_file import _clean
+from kiln.pretrain.callbacks.base import Callback, TrainState
+from kiln.pretrain.callbacks.metrics_file import _clean
 
 WANDB_ID_FILE = "wandb_id.txt"
 

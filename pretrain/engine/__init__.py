@@ -2,7 +2,7 @@
 (``batches``), the full (layout-independent) optimizer state for checkpoints (``state``) and the ``--dry-run``
 memory estimate (``memory``)."""
 
-from pretrain.engine.batches import SyntheticTokens, collate_indices, local_micro_batches
-from pretrain.engine.core import TrainEngine, checkpoint_layers
+from kiln.pretrain.engine.batches import SyntheticTokens, collate_indices, local_micro_batches
+from kiln.pretrain.engine.core import TrainEngine, checkpoint_layers
 
 __all__ = ["SyntheticTokens", "TrainEngine", "checkpoint_layers", "collate_indices", "local_micro_batches"]

@@ -1,7 +1,7 @@
 """Which samples each rank trains on, and a synthetic token source for tests and the CPU demo.
 
 A step consumes the global samples ``consumed ... consumed + global_batch``; data-parallel rank ``r`` takes the
-contiguous slice ``pretrain.data.rank_sample_indices`` gives it and cuts it into micro-batches of
+contiguous slice ``kiln.pretrain.data.rank_sample_indices`` gives it and cuts it into micro-batches of
 ``micro_batch`` samples. So the set of micro-batches of a step (and hence the averaged loss and gradient) is the
 same at every layout; only which rank computes which micro-batch changes.
 """
@@ -11,14 +11,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-
-from pretrain.data import collate, rank_sample_indices
+from kiln.pretrain.data import collate, rank_sample_indices
 
 
 class SyntheticTokens:
     """Learnable deterministic samples: each document is an arithmetic sequence ``(a + b * t) mod vocab`` whose
     start ``a`` and stride ``b`` are drawn from a generator seeded with ``(seed, i)``. Same fields as
-    ``pretrain.data.PretrainData`` samples. ``documents_per_sample`` > 1 packs that many documents of equal
+    ``kiln.pretrain.data.PretrainData`` samples. ``documents_per_sample`` > 1 packs that many documents of equal
     length into a sample, with ``segment_ids``, positions restarting per document, and no loss on the label that
     crosses into the next document."""
 

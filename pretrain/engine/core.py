@@ -1,17 +1,17 @@
 """One optimizer step at any TP x PP x DP layout: ``TrainEngine.train_step(micro_batches, global_batch, lr)``.
 
 * PP = 1: ``KilnLlama`` itself (megatron TP layers at TP > 1, plain layers at TP = 1) in a DeepSpeed engine
-  with ZeRO 0-3 over the data-parallel group; ``parallel.topology.MegatronMPU`` tells DeepSpeed the groups.
+  with ZeRO 0-3 over the data-parallel group; ``kiln.parallel.topology.MegatronMPU`` tells DeepSpeed the groups.
   The loop runs the micro-batches (forward, ``engine.backward``, ``engine.step`` which only updates at the
   gradient-accumulation boundary).
-* PP > 1: the pipeline of ``parallel.pipeline`` in DeepSpeed's 1F1B ``PipelineEngine`` (ZeRO 0/1), which pulls
+* PP > 1: the pipeline of ``kiln.parallel.pipeline`` in DeepSpeed's 1F1B ``PipelineEngine`` (ZeRO 0/1), which pulls
   the micro-batches from an iterator on the first and last stage.
 
 Either way the step's loss is the mean of the micro-batch losses of the whole global batch, on every rank.
 
 A single replica (DP = 1, PP = 1, fp32) runs ZeRO 0 whatever stage the recipe asks for, without DeepSpeed's
 (1-rank) backward all-reduce, and clips the gradients here so that ``grad_norm`` is reported
-(``parallel.zero.effective_zero_stage``).
+(``kiln.parallel.zero.effective_zero_stage``).
 
 NaN/inf loss (``NanGuard`` counts it, marks the step skipped, stops after ``max_nan_steps``):
 
@@ -34,18 +34,17 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-
-from parallel.pipeline import build_pipeline, model_param_name
-from parallel.topology import ParallelContext
-from parallel.zero import (
+from kiln.parallel.pipeline import build_pipeline, model_param_name
+from kiln.parallel.topology import ParallelContext
+from kiln.parallel.zero import (
     deepspeed_config,
     effective_zero_stage,
     mark_tensor_parallel_params,
     single_replica,
     weight_decay_groups,
 )
-from pretrain.model import KilnLlama, positions_from_segments, tp_split_dim
-from pretrain.recipe import TrainRecipe
+from kiln.pretrain.model import KilnLlama, positions_from_segments, tp_split_dim
+from kiln.pretrain.recipe import TrainRecipe
 
 
 class TrainEngine:
@@ -271,14 +270,14 @@ class TrainEngine:
 
     def full_optimizer_state(self) -> dict:
         """The full AdamW state (moments, fp32 masters, step) per KilnLlama parameter name, gathered from every
-        ZeRO / TP / PP shard, on every rank (``pretrain.engine.state``). All ranks must call it."""
-        from pretrain.engine.state import full_optimizer_state
+        ZeRO / TP / PP shard, on every rank (``kiln.pretrain.engine.state``). All ranks must call it."""
+        from kiln.pretrain.engine.state import full_optimizer_state
 
         return full_optimizer_state(self)
 
     def load_full_state(self, model_state: dict[str, torch.Tensor], optimizer_state: dict | None = None) -> None:
         """Load a full (any-layout) model state, and optimizer state when given, into this rank's shards."""
-        from pretrain.engine.state import load_full_state
+        from kiln.pretrain.engine.state import load_full_state
 
         load_full_state(self, model_state, optimizer_state)
 

@@ -1,6 +1,6 @@
 """``--dry-run``: the pipeline partition and a per-rank memory estimate, computed from the recipe alone.
 
-Nothing is allocated: parameter counts come from ``pretrain.model.full_shapes`` and the partition from the same
+Nothing is allocated: parameter counts come from ``kiln.pretrain.model.full_shapes`` and the partition from the same
 ``partition_balanced`` call DeepSpeed's ``PipelineModule`` makes. Ranks of one pipeline stage hold the same
 amount (TP splits evenly, DP ranks are replicas or equal ZeRO shards), so the table has one row per stage.
 
@@ -27,8 +27,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pretrain.model import full_shapes, tp_split_dim
-from pretrain.recipe import Layout, TrainRecipe
+from kiln.pretrain.model import full_shapes, tp_split_dim
+from kiln.pretrain.recipe import Layout, TrainRecipe
 
 GIB = 1024**3
 
@@ -61,7 +61,7 @@ def pipeline_layer_params(recipe: TrainRecipe) -> list[list[str]]:
 
 
 def estimate(recipe: TrainRecipe, layout: Layout) -> list[StageEstimate]:
-    from parallel.pipeline import stage_layer_names, stage_partition
+    from kiln.parallel.pipeline import stage_layer_names, stage_partition
 
     cfg, p = recipe.model, recipe.parallel
     shapes = full_shapes(cfg)

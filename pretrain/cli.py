@@ -83,6 +83,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from kiln.pretrain.train import run_command
+
+    return run_command(args.recipe, args.overrides, dry_run=args.dry_run, world_size=args.world_size)
+
+
 def _maybe_tokenizer(src, load_tokenizer):
     from kiln.config import ConfigError
 
@@ -163,6 +169,27 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     p.set_defaults(func=cmd_generate)
+
+    p = subparsers.add_parser(
+        "train",
+        help="pretrain (3D parallel: one process, or every rank of a torchrun job)",
+        description="Train a recipe. The recipe is validated against the world size, and its data opened, before "
+        "any process group starts. Checkpoints every checkpoint.interval steps and on SIGTERM/SIGUSR1; "
+        "resume=true continues from the newest complete one, at any TP/PP/DP layout.",
+        epilog="examples:\n"
+        "  kiln train recipes/pretrain/tiny.yaml                 # or a shipped recipe's name: kiln train tiny\n"
+        "  torchrun --standalone --nproc-per-node 4 -m kiln train tiny parallel.tp=2 parallel.pp=2\n"
+        "  kiln train llama_1b --dry-run --world-size 64 parallel.tp=8   # layout + memory per rank, no training\n"
+        "  kiln train tiny checkpoint.interval=5 resume=true\n"
+        "multi-node: torchrun --nnodes N --node-rank R --rdzv-backend c10d --rdzv-endpoint HOST:PORT "
+        "--nproc-per-node G -m kiln train RECIPE (see recipes/pretrain/slurm_llama_1b.sh)",
+        formatter_class=fmt,
+    )
+    p.add_argument("recipe", help="a recipe YAML, or a shipped recipe's name (kiln recipes list)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. parallel.tp=2")
+    p.add_argument("--dry-run", action="store_true", help="check the layout, print memory per rank, exit")
+    p.add_argument("--world-size", type=_positive_int, help="world size for --dry-run (default: $WORLD_SIZE or 1)")
+    p.set_defaults(func=cmd_train)
 
     from kiln.pretrain.plot import register_plot
 

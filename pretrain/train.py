@@ -1,8 +1,8 @@
 """Pretraining entry point.
 
-    torchrun --nnodes N --nproc-per-node G -m kiln.pretrain.train recipes/pretrain/<recipe>.yaml [key=value ...]
-    python -m kiln.pretrain.train recipes/pretrain/tiny.yaml            # one process, no torchrun
-    python -m kiln.pretrain.train recipes/pretrain/llama_1b.yaml --dry-run parallel.tp=8 --world-size 64
+    torchrun --nnodes N --nproc-per-node G -m kiln train recipes/pretrain/<recipe>.yaml [key=value ...]
+    kiln train recipes/pretrain/tiny.yaml            # one process, no torchrun
+    kiln train recipes/pretrain/llama_1b.yaml --dry-run parallel.tp=8 --world-size 64
 
 The recipe is loaded and checked against the world size, and the data opened, before any process group
 starts. The loop is short: features hang off callbacks (``kiln.pretrain.callbacks``: NaN guard, throughput/MFU,
@@ -18,10 +18,8 @@ skipped with a warning), ``resume=<path>`` from that checkpoint or root, at any 
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
-import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -313,32 +311,21 @@ def _loop(
     hooks.on_train_end(state)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kiln.pretrain.train", description=__doc__.split("\n\n")[0])
-    parser.add_argument("recipe", help="recipes/pretrain/<name>.yaml")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. parallel.tp=2 optimizer.lr=1e-3")
-    parser.add_argument("--dry-run", action="store_true", help="check the layout, print memory and partition, exit")
-    parser.add_argument("--world-size", type=int, default=None, help="world size for --dry-run (default: $WORLD_SIZE)")
-    args = parser.parse_intermixed_args(argv)
-    world_size = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
-    try:
-        recipe = load_recipe(args.recipe, args.overrides)
-        layout = recipe.layout(world_size)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.dry_run:
+def run_command(recipe_arg: str, overrides: Sequence[str], dry_run: bool = False, world_size: int | None = None) -> int:
+    """`kiln train RECIPE [key=value ...] [--dry-run]`, in this process or in each rank of a torchrun job. The
+    recipe (a file, or a shipped recipe's name) is loaded and checked against the world size before any process
+    group starts; a ConfigError propagates to the CLI, which prints it in the one `kiln: error:` format."""
+    from kiln.catalog import resolve_recipe_path
+    from kiln.logs import log_to_file
+
+    world_size = world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    recipe = load_recipe(str(resolve_recipe_path(recipe_arg)), overrides)
+    layout = recipe.layout(world_size)
+    if dry_run:
         from kiln.pretrain.engine.memory import dry_run_report
 
         if int(os.environ.get("RANK", "0")) == 0:
             print(dry_run_report(recipe, layout))
         return 0
-    try:
-        return train(recipe).exit_code
-    except ConfigError as e:  # e.g. a resume path without a complete checkpoint
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    log_to_file(Path(recipe.run_dir) / "logs" / f"train_rank{int(os.environ.get('RANK', '0'))}.log")
+    return train(recipe).exit_code

@@ -21,7 +21,7 @@ def test_torchrun_pipeline_run_writes_metrics(tmp_path):
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-        "-m", "kiln.pretrain.train", str(TINY),
+        "-m", "kiln", "train", str(TINY),
         "parallel.pp=2", "train_steps=4", "log_interval=2", f"run_dir={tmp_path}",
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)

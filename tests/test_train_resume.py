@@ -2,7 +2,7 @@
 
 * Exact resume (1 rank, separate processes as a real job): an uninterrupted 12-step run through the CLI is the
   reference; a second run is SIGKILLed at a random step after a checkpoint exists, a half-written checkpoint is
-  left beside it, and ``python -m kiln.pretrain.train ... resume=true`` continues: every step after the checkpoint
+  left beside it, and ``kiln train ... resume=true`` continues: every step after the checkpoint
   has bitwise the reference loss and gradient norm (CPU fp32).
 * SIGTERM: the run finishes its step, writes a checkpoint of that step, exits 0; resuming it is bitwise exact too.
 * Layout change (one 4-rank launch, one 1-rank launch): TP2xPP2 trains 6 steps saving at step 3; resuming that
@@ -34,14 +34,14 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "recipes" / "pretrain" / "tiny.yaml")
 STEPS = 12
 COMMON = [f"train_steps={STEPS}", "log_interval=1", "checkpoint.interval=2", "checkpoint.keep_last=10"]
-ENV = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+ENV = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
 
 
 # ------------------------------------------------------------------------------------------------ helpers
 
 
 def _cli(run_dir: Path, *overrides: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "kiln.pretrain.train", TINY, *COMMON, f"run_dir={run_dir}", *overrides]
+    cmd = [sys.executable, "-m", "kiln", "train", TINY, *COMMON, f"run_dir={run_dir}", *overrides]
     proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -295,7 +295,7 @@ def test_resume_across_zero_stages(tmp_path):
 
 
 def _worker_main(argv: list[str]) -> int:
-    """``RUN_DIR DELAY_S overrides...``: train like ``python -m kiln.pretrain.train`` but ``DELAY_S`` slower per step."""
+    """``RUN_DIR DELAY_S overrides...``: train like ``kiln train`` but ``DELAY_S`` slower per step."""
     from kiln.pretrain.callbacks.base import Callback
     from kiln.pretrain.recipe import load_recipe
     from kiln.pretrain.train import train

@@ -2,7 +2,7 @@
 # Multi-node launch of recipes/pretrain/llama_1b.yaml: one torchrun per node, 8 GPUs each.
 #   sbatch recipes/pretrain/slurm_llama_1b.sh [key=value ...]       # overrides go to the recipe
 # Check the layout and per-GPU memory first, without GPUs:
-#   python -m kiln.pretrain.train recipes/pretrain/llama_1b.yaml --dry-run --world-size 32 parallel.tp=2
+#   kiln train recipes/pretrain/llama_1b.yaml --dry-run --world-size 32 parallel.tp=2
 #SBATCH --job-name=kiln-llama-1b
 #SBATCH --nodes=4
 #SBATCH --ntasks-per-node=1
@@ -23,4 +23,4 @@ export OMP_NUM_THREADS=8
 srun --kill-on-bad-exit=1 torchrun \
   --nnodes "$SLURM_NNODES" --nproc-per-node 8 \
   --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-id "$SLURM_JOB_ID" \
-  -m kiln.pretrain.train recipes/pretrain/llama_1b.yaml "$@"
+  -m kiln train recipes/pretrain/llama_1b.yaml "$@"

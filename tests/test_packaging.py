@@ -223,3 +223,10 @@ def test_wheel_installs_with_the_lock_and_runs_outside_the_checkout(wheel, tmp_p
     )
     where = _run_py("import kiln, json; print(kiln.__file__)", work, python=py)
     assert str(env_dir) in where.stdout  # the installed wheel, not the checkout
+
+
+def test_lazy_tokenize_package_resolves_every_public_name():
+    import kiln.data_pipeline.tokenize as tokenize
+
+    assert sorted(tokenize.__all__) == sorted(tokenize._MODULE_OF)
+    assert all(getattr(tokenize, name).__name__ == name for name in tokenize.__all__)

@@ -8,32 +8,81 @@ Public API::
         TokenizeToIndexed, MergeIndexedShards, merge_shards, list_shards,
         check_tokenizer_matches, open_tokenized, inspect_tokenized,
     )
+
+The names are imported on first use: the `kiln data tokenize` command module lives in this package, and
+registering it (every `kiln --help`) must not import datatrove, sentencepiece or megatron-core.
 """
 
-from kiln.data_pipeline.tokenize.indexed import (
-    MergeIndexedShards,
-    TokenizerMismatchError,
-    TokenizeToIndexed,
-    check_tokenizer_matches,
-    dataset_prefix,
-    list_shards,
-    loss_mask_prefix,
-    merge_shards,
-    open_tokenized,
-    read_meta,
-    tokenize_documents,
-)
-from kiln.data_pipeline.tokenize.inspection import inspect_tokenized
-from kiln.data_pipeline.tokenize.tokenizer import (
-    HFTokenizer,
-    SentencePieceTokenizer,
-    TokenizeError,
-    Tokenizer,
-    TokenizerNotFoundError,
-    load_tokenizer,
-    sentencepiece_to_hf,
-)
-from kiln.data_pipeline.tokenize.train import EmptyCorpusError, TokenizerTrainConfig, train_tokenizer
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+_MODULE_OF = {
+    **dict.fromkeys(
+        (
+            "MergeIndexedShards",
+            "TokenizerMismatchError",
+            "TokenizeToIndexed",
+            "check_tokenizer_matches",
+            "dataset_prefix",
+            "list_shards",
+            "loss_mask_prefix",
+            "merge_shards",
+            "open_tokenized",
+            "read_meta",
+            "tokenize_documents",
+        ),
+        "indexed",
+    ),
+    "inspect_tokenized": "inspection",
+    **dict.fromkeys(
+        (
+            "HFTokenizer",
+            "SentencePieceTokenizer",
+            "TokenizeError",
+            "Tokenizer",
+            "TokenizerNotFoundError",
+            "load_tokenizer",
+            "sentencepiece_to_hf",
+        ),
+        "tokenizer",
+    ),
+    **dict.fromkeys(("EmptyCorpusError", "TokenizerTrainConfig", "train_tokenizer"), "train"),
+}
+
+if TYPE_CHECKING:
+    from kiln.data_pipeline.tokenize.indexed import (
+        MergeIndexedShards,
+        TokenizerMismatchError,
+        TokenizeToIndexed,
+        check_tokenizer_matches,
+        dataset_prefix,
+        list_shards,
+        loss_mask_prefix,
+        merge_shards,
+        open_tokenized,
+        read_meta,
+        tokenize_documents,
+    )
+    from kiln.data_pipeline.tokenize.inspection import inspect_tokenized
+    from kiln.data_pipeline.tokenize.tokenizer import (
+        HFTokenizer,
+        SentencePieceTokenizer,
+        TokenizeError,
+        Tokenizer,
+        TokenizerNotFoundError,
+        load_tokenizer,
+        sentencepiece_to_hf,
+    )
+    from kiln.data_pipeline.tokenize.train import EmptyCorpusError, TokenizerTrainConfig, train_tokenizer
+
+
+def __getattr__(name: str):
+    if name in _MODULE_OF:
+        return getattr(importlib.import_module(f"{__name__}.{_MODULE_OF[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "EmptyCorpusError",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -27,8 +28,13 @@ def _pip_env() -> dict:
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
+    # from a copy: setuptools writes build/ beside the sources, and the checkout stays as it was
+    src = tmp_path_factory.mktemp("src") / "kiln"
+    shutil.copytree(
+        REPO, src, ignore=shutil.ignore_patterns(".git", ".venv", "runs", "build", "*.egg-info", "__pycache__")
+    )
     # --no-build-isolation: build with this environment's setuptools (offline, seconds)
-    cmd = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(REPO), "-w", str(out)]
+    cmd = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(src), "-w", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_pip_env(), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (path,) = out.glob("kilnlm-*.whl")

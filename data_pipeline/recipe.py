@@ -12,11 +12,14 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal
 
-from kiln.data_pipeline.dedup import DedupConfig
-from kiln.data_pipeline.filters import FilterConfig
+# The config modules, not the packages: loading a recipe should need no datatrove (the packages' step classes
+# import it). NOTE: the readers/dedup/refine package __init__s and metadata.py still import datatrove eagerly,
+# so today it is imported anyway; see tests/test_config_conventions.py.
+from kiln.data_pipeline.dedup.config import DedupConfig
+from kiln.data_pipeline.filters.config import FilterConfig
 from kiln.data_pipeline.metadata import MetadataConfig
-from kiln.data_pipeline.readers import InputConfig
-from kiln.data_pipeline.refine import RefineConfig
+from kiln.data_pipeline.readers.config import InputConfig
+from kiln.data_pipeline.refine.config import RefineConfig
 
 
 @dataclass

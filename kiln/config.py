@@ -17,8 +17,11 @@ Usage::
 
     recipe = load_config(Recipe, "recipe.yaml", ["optim.lr=1e-3"])
 
-Validation hooks: a dataclass may define ``validate(self) -> None`` raising ``ValueError``; it runs after the
-dataclass is built, and its message is prefixed with the key path.
+Validation hooks: a dataclass may define ``validate(self) -> None`` that raises a plain ``ValueError`` about its
+own fields (no file or key prefix, no ``ConfigError``). Once the whole tree is built, the loader runs every hook
+exactly once, children before parents (``validate_tree``), and prefixes the message with the file and key path:
+``tiny.yaml: key 'parallel': tp must be >= 1, got 0``. A parent's ``validate`` therefore checks only what spans
+its children and never calls theirs; code that builds configs in Python calls ``validate_tree(cfg)``.
 """
 
 from __future__ import annotations
@@ -68,7 +71,7 @@ def _convert(value: Any, tp: Any, path: str, source: str | None) -> Any:
             return None
         tagged = _tagged_union_member(args, value, path, source)
         if tagged is not None:
-            return build_dataclass(tagged, value, path=path, source=source)
+            return _build(tagged, value, path, source)
         errors = []
         for arg in args:
             if arg is type(None):
@@ -90,7 +93,7 @@ def _convert(value: Any, tp: Any, path: str, source: str | None) -> Any:
             return value
         if not isinstance(value, Mapping):
             raise ConfigError(f"{_where(source, path)}: expected a mapping for {tp.__name__}, got {value!r}")
-        return build_dataclass(tp, value, path=path, source=source)
+        return _build(tp, value, path, source)
     if origin in (list, Sequence, tuple) or tp in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{_where(source, path)}: expected a list, got {value!r}")
@@ -172,7 +175,15 @@ def _suggest_value(value: Any, choices: Mapping[str, Any] | Sequence[str]) -> st
 
 
 def build_dataclass(cls: type[T], data: Mapping[str, Any], path: str = "", source: str | None = None) -> T:
-    """Build ``cls`` from a mapping; reject unknown keys and missing required ones, naming the key path."""
+    """Build ``cls`` from a mapping (unknown or missing keys are errors naming the key path), then validate it."""
+    obj = _build(cls, data, path, source)
+    validate_tree(obj, path, source)
+    return obj
+
+
+def _build(cls: type[T], data: Mapping[str, Any], path: str, source: str | None) -> T:
+    # Builds the tree without validating: validate_tree runs once over the finished tree, so a parent's hook
+    # never sees (or re-checks) a half-built child and defaults that are not in the YAML are checked too.
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     kwargs = {}
@@ -189,16 +200,32 @@ def build_dataclass(cls: type[T], data: Mapping[str, Any], path: str = "", sourc
     if missing:
         subs = ", ".join(f"{path}.{m}" if path else m for m in missing)
         raise ConfigError(f"{source + ': ' if source else ''}missing required key(s): {subs}")
-    obj = cls(**kwargs)
+    return cls(**kwargs)
+
+
+def validate_tree(obj: Any, path: str = "", source: str | None = None) -> None:
+    """Run each ``validate()`` hook in a config tree once, children before parents, raising ``ConfigError`` that
+    names the file (``source``) and key path. Walks dataclass fields, lists, tuples and dict values."""
+    if isinstance(obj, (list, tuple)):
+        for i, item in enumerate(obj):
+            validate_tree(item, f"{path}[{i}]", source)
+        return
+    if isinstance(obj, dict):
+        for key, item in obj.items():
+            validate_tree(item, f"{path}.{key}" if path else str(key), source)
+        return
+    if not dataclasses.is_dataclass(obj) or isinstance(obj, type):
+        return
+    for f in dataclasses.fields(obj):
+        validate_tree(getattr(obj, f.name), f"{path}.{f.name}" if path else f.name, source)
     validate = getattr(obj, "validate", None)
     if callable(validate):
         try:
             validate()
-        except ConfigError:
-            raise
         except ValueError as e:
-            raise ConfigError(f"{_where(source, path)}: {e}") from None
-    return obj
+            # A config built in Python (no file, no key) is named by its class instead of "top level".
+            where = _where(source, path) if source or path else type(obj).__name__
+            raise ConfigError(f"{where}: {e}") from None
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -289,4 +316,5 @@ __all__ = [
     "parse_override",
     "read_yaml",
     "to_dict",
+    "validate_tree",
 ]

@@ -1,20 +1,25 @@
 """Model configuration: a typed dataclass whose architecture fields map one-to-one onto Hugging Face
-``LlamaConfig``, plus the few knobs that are ours (kernels, document masking, sequence parallelism).
+``LlamaConfig``, plus the few knobs that are ours (kernels, document masking, sequence parallelism). Also the
+recipe's ``data`` section (``DataConfig``), whose readers live in ``kiln.pretrain.data``.
 
-Kept free of torch imports so the CLI and recipe validation stay fast; ``from_hf_config`` / ``to_hf_config``
-import ``transformers`` only when called.
+Kept free of torch imports so the CLI and recipe validation stay fast (``kiln.pretrain.data`` imports torch, so
+its config classes live here); ``from_hf_config`` / ``to_hf_config`` import ``transformers`` only when called.
 
 RoPE variants: ``rope_scaling`` holds the Hugging Face rope parameters other than ``rope_theta`` (which has its
 own field), e.g. ``{"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
 "original_max_position_embeddings": 8192}``. Supported types are the ones HF Llama implements for this
 architecture: default (``None``), ``linear``, ``dynamic``, ``yarn`` and ``llama3``. ``longrope`` and
-``proportional`` (and partial rotary factors) are refused with a ConfigError naming them.
+``proportional`` (and partial rotary factors) are refused by ``validate()`` with a message naming them.
+
+``validate()`` methods raise ``ValueError`` about their own fields; the recipe loader (``kiln.config``) adds the
+file and key path.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from kiln.config import ConfigError
@@ -109,21 +114,21 @@ class ModelConfig:
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"model.{name} must be a positive integer, got {value!r}")
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ConfigError(
-                f"model.num_attention_heads ({self.num_attention_heads}) must be a multiple of "
-                f"model.num_key_value_heads ({self.num_key_value_heads}) for grouped-query attention"
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads}) for grouped-query attention"
             )
         if self.head_dim % 2:
-            raise ConfigError(f"model.head_dim ({self.head_dim}) must be even for rotary embeddings")
+            raise ValueError(f"head_dim ({self.head_dim}) must be even for rotary embeddings")
         if not self.rms_norm_eps > 0:
-            raise ConfigError(f"model.rms_norm_eps must be > 0, got {self.rms_norm_eps}")
+            raise ValueError(f"rms_norm_eps must be > 0, got {self.rms_norm_eps}")
         if not self.rope_theta > 0:
-            raise ConfigError(f"model.rope_theta must be > 0, got {self.rope_theta}")
+            raise ValueError(f"rope_theta must be > 0, got {self.rope_theta}")
         if self.attention_backend not in ("auto", "flash", "triton", "sdpa"):
-            raise ConfigError(
-                f"model.attention_backend must be one of auto, flash, triton, sdpa; got {self.attention_backend!r}"
+            raise ValueError(
+                f"attention_backend must be one of auto, flash, triton, sdpa; got {self.attention_backend!r}"
             )
         self._validate_rope_scaling()
 
@@ -134,38 +139,38 @@ class ModelConfig:
         if rope_type == "default":
             extra = set(self.rope_scaling) - {"rope_type", "type"}
             if extra:
-                raise ConfigError(f"model.rope_scaling: rope_type 'default' takes no parameters, got {sorted(extra)}")
+                raise ValueError(f"rope_scaling: rope_type 'default' takes no parameters, got {sorted(extra)}")
             return
         if rope_type in UNSUPPORTED_ROPE_TYPES:
-            raise ConfigError(
-                f"model.rope_scaling: rope_type {rope_type!r} is not supported for the Llama architecture here "
+            raise ValueError(
+                f"rope_scaling: rope_type {rope_type!r} is not supported for the Llama architecture here "
                 f"(supported: default, {', '.join(sorted(ROPE_TYPES))})"
             )
         if rope_type not in ROPE_TYPES:
-            raise ConfigError(
-                f"model.rope_scaling: unknown rope_type {rope_type!r} (supported: default, {', '.join(sorted(ROPE_TYPES))})"
+            raise ValueError(
+                f"rope_scaling: unknown rope_type {rope_type!r} (supported: default, {', '.join(sorted(ROPE_TYPES))})"
             )
         required, optional = ROPE_TYPES[rope_type]
         given = set(self.rope_scaling) - {"rope_type", "type"}
         if "partial_rotary_factor" in given and float(self.rope_scaling["partial_rotary_factor"]) != 1.0:
-            raise ConfigError(
-                "model.rope_scaling: partial_rotary_factor != 1 is not supported (Llama rotates all dims)"
-            )
+            raise ValueError("rope_scaling: partial_rotary_factor != 1 is not supported (Llama rotates all dims)")
         given.discard("partial_rotary_factor")
         missing = required - given
         if missing:
-            raise ConfigError(f"model.rope_scaling: rope_type {rope_type!r} needs {sorted(missing)}")
+            raise ValueError(f"rope_scaling: rope_type {rope_type!r} needs {sorted(missing)}")
         unknown = given - required - optional
         if unknown:
-            raise ConfigError(f"model.rope_scaling: unknown key(s) {sorted(unknown)} for rope_type {rope_type!r}")
+            raise ValueError(f"rope_scaling: unknown key(s) {sorted(unknown)} for rope_type {rope_type!r}")
         factor = self.rope_scaling["factor"]
         if factor is not None and (not isinstance(factor, (int, float)) or factor <= 0):
-            raise ConfigError(f"model.rope_scaling.factor must be a positive number, got {factor!r}")
+            raise ValueError(f"rope_scaling.factor must be a positive number, got {factor!r}")
         if rope_type == "llama3" and self.rope_scaling["high_freq_factor"] <= self.rope_scaling["low_freq_factor"]:
-            raise ConfigError("model.rope_scaling: llama3 needs high_freq_factor > low_freq_factor")
+            raise ValueError("rope_scaling: llama3 needs high_freq_factor > low_freq_factor")
 
     def validate_tp(self, tp_size: int) -> None:
-        """Check that tensor parallelism over ``tp_size`` ranks can split this model (whole heads per rank)."""
+        """Check that tensor parallelism over ``tp_size`` ranks can split this model (whole heads per rank).
+
+        Not a loader hook (it needs the TP size, known only at launch), so it raises ``ConfigError`` itself."""
         if tp_size < 1:
             raise ConfigError(f"tensor parallel size must be >= 1, got {tp_size}")
         splits = (
@@ -186,6 +191,57 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The recipe's ``data`` section (read by kiln.pretrain.data)
+
+
+@dataclass
+class DatasetSpec:
+    """One dataset of the blend: a prefix written by `kiln data tokenize` and its relative weight."""
+
+    prefix: str
+    weight: float = 1.0
+
+    def validate(self) -> None:
+        if not self.prefix:
+            raise ValueError("prefix is empty")
+        if not (self.weight > 0 and math.isfinite(self.weight)):
+            raise ValueError(f"weight must be a positive number, got {self.weight}")
+
+
+@dataclass
+class MecoConfig:
+    enabled: bool = False
+    # the last fraction of training steps uses the plain twins (MeCo: 10%)
+    cooldown_fraction: float = 0.1
+
+    def validate(self) -> None:
+        if not 0.0 <= self.cooldown_fraction <= 1.0:
+            raise ValueError(f"cooldown_fraction must be in [0, 1], got {self.cooldown_fraction}")
+
+
+@dataclass
+class DataConfig:
+    datasets: list[DatasetSpec] = field(default_factory=list)
+    seq_length: int = 2048
+    seed: int = 1234
+    meco: MecoConfig = field(default_factory=MecoConfig)
+    # held-out documents of each training dataset (ignored when `validation` lists datasets)
+    validation_fraction: float = 0.0
+    validation: list[DatasetSpec] = field(default_factory=list)
+    # the tokenizer the model is trained with; when set, every dataset's tokenizer fingerprint is checked
+    tokenizer: str | None = None
+
+    def validate(self) -> None:
+        # Each DatasetSpec and meco check themselves (kiln.config.validate_tree runs every validate once).
+        if not self.datasets:
+            raise ValueError("datasets is empty: list at least one {prefix, weight}")
+        if self.seq_length < 1:
+            raise ValueError(f"seq_length must be >= 1, got {self.seq_length}")
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise ValueError(f"validation_fraction must be in [0, 1), got {self.validation_fraction}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -272,7 +328,7 @@ def from_hf_config(hf: Any, **ours: Any) -> ModelConfig:
     cfg = ModelConfig(rope_theta=float(theta), rope_scaling=rope_scaling, **kwargs, **ours)
     try:
         cfg.validate()
-    except ConfigError as e:
+    except ValueError as e:
         raise ConfigError(f"HF config: {e}") from None
     return cfg
 
@@ -291,7 +347,10 @@ def to_hf_config(cfg: ModelConfig):
     """ModelConfig -> ``transformers.LlamaConfig`` (loads with ``AutoModelForCausalLM``)."""
     from transformers import LlamaConfig
 
-    cfg.validate()
+    try:
+        cfg.validate()
+    except ValueError as e:  # same error type as a bad recipe key; ``model`` is the recipe key it lives under
+        raise ConfigError(f"model: {e}") from None
     fields = {name: getattr(cfg, name) for name in _HF_FIELDS}
     return LlamaConfig(
         **fields,
@@ -302,4 +361,13 @@ def to_hf_config(cfg: ModelConfig):
     )
 
 
-__all__ = ["ModelConfig", "from_hf_config", "to_hf_config", "hf_rope_parameters", "ROPE_TYPES"]
+__all__ = [
+    "DataConfig",
+    "DatasetSpec",
+    "MecoConfig",
+    "ModelConfig",
+    "from_hf_config",
+    "to_hf_config",
+    "hf_rope_parameters",
+    "ROPE_TYPES",
+]

@@ -56,13 +56,14 @@ import os
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from kiln.pretrain.config import DataConfig, DatasetSpec, MecoConfig  # noqa: F401 (re-exported)
 
-from kiln.config import ConfigError
+from kiln.config import ConfigError, validate_tree
 
 PHASES = ("meco", "plain")
 
@@ -74,50 +75,8 @@ class DataError(ConfigError):
 # ------------------------------------------------------------------------------------------------ config
 
 
-@dataclass
-class DatasetSpec:
-    """One dataset of the blend: a prefix written by `kiln data tokenize` and its relative weight."""
-
-    prefix: str
-    weight: float = 1.0
-
-
-@dataclass
-class MecoConfig:
-    enabled: bool = False
-    # the last fraction of training steps uses the plain twins (MeCo: 10%)
-    cooldown_fraction: float = 0.1
-
-    def validate(self) -> None:
-        if not 0.0 <= self.cooldown_fraction <= 1.0:
-            raise ValueError(f"meco.cooldown_fraction must be in [0, 1], got {self.cooldown_fraction}")
-
-
-@dataclass
-class DataConfig:
-    datasets: list[DatasetSpec] = field(default_factory=list)
-    seq_length: int = 2048
-    seed: int = 1234
-    meco: MecoConfig = field(default_factory=MecoConfig)
-    # held-out documents of each training dataset (ignored when `validation` lists datasets)
-    validation_fraction: float = 0.0
-    validation: list[DatasetSpec] = field(default_factory=list)
-    # the tokenizer the model is trained with; when set, every dataset's tokenizer fingerprint is checked
-    tokenizer: str | None = None
-
-    def validate(self) -> None:
-        if not self.datasets:
-            raise ValueError("data.datasets is empty: list at least one {prefix, weight}")
-        for i, d in enumerate(self.datasets):
-            if not d.prefix:
-                raise ValueError(f"data.datasets[{i}].prefix is empty")
-            if not (d.weight > 0 and math.isfinite(d.weight)):
-                raise ValueError(f"data.datasets[{i}].weight must be a positive number, got {d.weight}")
-        if self.seq_length < 1:
-            raise ValueError(f"data.seq_length must be >= 1, got {self.seq_length}")
-        if not 0.0 <= self.validation_fraction < 1.0:
-            raise ValueError(f"data.validation_fraction must be in [0, 1), got {self.validation_fraction}")
-        self.meco.validate()
+# DatasetSpec, MecoConfig and DataConfig live in kiln.pretrain.config (torch-free, so loading a recipe does not
+# import torch) and are re-exported here.
 
 
 # ------------------------------------------------------------------------------------------------ MeCo phases
@@ -443,7 +402,7 @@ class PretrainData:
         tokenizer: str | os.PathLike | object | None = None,
     ):
         try:
-            cfg.validate()
+            validate_tree(cfg, "data")  # the whole section (datasets, meco) once, named by its recipe key
         except ValueError as e:
             raise DataError(str(e)) from None
         self.cfg = cfg

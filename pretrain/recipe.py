@@ -2,14 +2,16 @@
 
 Everything a run needs is here and is checked twice before any process group starts:
 
-* ``TrainRecipe.validate()`` (run by the loader): values that make sense on their own (positive sizes, a known
-  schedule, a batch ramp that reaches the global batch in whole increments);
+* the ``validate()`` hooks (run once each by the loader, ``kiln.config.validate_tree``): values that make sense on
+  their own (positive sizes, a known schedule, a batch ramp that reaches the global batch in whole increments);
+  each raises ``ValueError`` about its own fields and the loader names the file and key;
 * ``TrainRecipe.layout(world_size)``: the parallel layout against the number of processes (world size ==
   TP x PP x DP, heads / KV heads / vocabulary divisible by TP, at least one layer per pipeline stage, the
   global batch (and every ramp-up value) divisible by micro batch x DP, ZeRO 2/3 only without PP).
 
-Both raise ``ConfigError`` with a message that names the key, so a 64-node job fails in a second on rank 0's
-console instead of after minutes of process-group setup.
+Both end in a ``ConfigError`` whose message names the key, so a 64-node job fails in a second on rank 0's
+console instead of after minutes of process-group setup. Nothing here imports torch: ``load_recipe`` is what the
+CLI, ``--dry-run`` and every rank run first.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from kiln.pretrain.config import ModelConfig
-from kiln.pretrain.data import DataConfig
+# DataConfig from kiln.pretrain.config, not kiln.pretrain.data: the latter imports torch.
+from kiln.pretrain.config import DataConfig, ModelConfig
 
 from kiln.config import ConfigError, load_config, to_dict
 
@@ -40,18 +42,18 @@ class ParallelConfig:
     def validate(self) -> None:
         for name in ("tp", "pp", "micro_batch", "global_batch"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.dp != -1 and self.dp < 1:
-            raise ConfigError(f"parallel.dp must be >= 1 or -1 (derived from the world size), got {self.dp}")
+            raise ValueError(f"dp must be >= 1 or -1 (derived from the world size), got {self.dp}")
         if self.zero_stage not in (0, 1, 2, 3):
-            raise ConfigError(f"parallel.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+            raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.zero_stage >= 2 and self.pp > 1:
-            raise ConfigError(
-                f"parallel.zero_stage={self.zero_stage} cannot be combined with pipeline parallelism "
-                f"(parallel.pp={self.pp}): DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 only"
+            raise ValueError(
+                f"zero_stage={self.zero_stage} cannot be combined with pipeline parallelism "
+                f"(pp={self.pp}): DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 only"
             )
         if not self.collective_timeout_s > 0:
-            raise ConfigError(f"parallel.collective_timeout_s must be > 0, got {self.collective_timeout_s}")
+            raise ValueError(f"collective_timeout_s must be > 0, got {self.collective_timeout_s}")
 
 
 @dataclass
@@ -66,13 +68,13 @@ class OptimizerConfig:
 
     def validate(self) -> None:
         if not self.lr > 0:
-            raise ConfigError(f"optimizer.lr must be > 0, got {self.lr}")
+            raise ValueError(f"lr must be > 0, got {self.lr}")
         if not all(0 <= b < 1 for b in self.betas):
-            raise ConfigError(f"optimizer.betas must be in [0, 1), got {list(self.betas)}")
+            raise ValueError(f"betas must be in [0, 1), got {list(self.betas)}")
         if not self.eps > 0:
-            raise ConfigError(f"optimizer.eps must be > 0, got {self.eps}")
+            raise ValueError(f"eps must be > 0, got {self.eps}")
         if self.weight_decay < 0 or self.clip_grad < 0:
-            raise ConfigError("optimizer.weight_decay and optimizer.clip_grad must be >= 0")
+            raise ValueError("weight_decay and clip_grad must be >= 0")
 
 
 @dataclass
@@ -93,15 +95,13 @@ class ScheduleConfig:
 
     def validate(self) -> None:
         if self.warmup_steps < 0:
-            raise ConfigError(f"schedule.warmup_steps must be >= 0, got {self.warmup_steps}")
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if not 0 <= self.min_lr_ratio <= 1:
-            raise ConfigError(f"schedule.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if not 0 < self.wsd_decay_fraction <= 1:
-            raise ConfigError(f"schedule.wsd_decay_fraction must be in (0, 1], got {self.wsd_decay_fraction}")
+            raise ValueError(f"wsd_decay_fraction must be in (0, 1], got {self.wsd_decay_fraction}")
         if self.decay_steps is not None and self.decay_steps <= self.warmup_steps:
-            raise ConfigError(
-                f"schedule.decay_steps ({self.decay_steps}) must be > schedule.warmup_steps ({self.warmup_steps})"
-            )
+            raise ValueError(f"decay_steps ({self.decay_steps}) must be > warmup_steps ({self.warmup_steps})")
 
 
 @dataclass
@@ -118,6 +118,10 @@ class BatchRampupConfig:
     def enabled(self) -> bool:
         return self.start > 0
 
+    def validate(self) -> None:
+        if self.enabled and (self.increment < 1 or self.ramp_samples < 1):
+            raise ValueError(f"increment and ramp_samples must be >= 1 with a ramp (start={self.start})")
+
 
 @dataclass
 class SyntheticDataConfig:
@@ -131,9 +135,7 @@ class SyntheticDataConfig:
 
     def validate(self) -> None:
         if self.seq_length < 2 or self.documents_per_sample < 1 or self.seq_length % self.documents_per_sample:
-            raise ConfigError(
-                "synthetic_data.seq_length must be >= 2 and a multiple of synthetic_data.documents_per_sample"
-            )
+            raise ValueError("seq_length must be >= 2 and a multiple of documents_per_sample")
 
 
 @dataclass
@@ -149,9 +151,9 @@ class CheckpointConfig:
 
     def validate(self) -> None:
         if self.interval < 0:
-            raise ConfigError(f"checkpoint.interval must be >= 0 (0: no periodic saves), got {self.interval}")
+            raise ValueError(f"interval must be >= 0 (0: no periodic saves), got {self.interval}")
         if self.keep_last < 1:
-            raise ConfigError(f"checkpoint.keep_last must be >= 1, got {self.keep_last}")
+            raise ValueError(f"keep_last must be >= 1, got {self.keep_last}")
 
 
 @dataclass
@@ -168,11 +170,11 @@ class EvalConfig:
 
     def validate(self) -> None:
         if self.interval < 0:
-            raise ConfigError(f"eval.interval must be >= 0 (0: no evaluation), got {self.interval}")
+            raise ValueError(f"interval must be >= 0 (0: no evaluation), got {self.interval}")
         if self.batches < 1:
-            raise ConfigError(f"eval.batches must be >= 1, got {self.batches}")
+            raise ValueError(f"batches must be >= 1, got {self.batches}")
         if self.batch_size is not None and self.batch_size < 1:
-            raise ConfigError(f"eval.batch_size must be >= 1 (or null: parallel.micro_batch), got {self.batch_size}")
+            raise ValueError(f"batch_size must be >= 1 (or null: parallel.micro_batch), got {self.batch_size}")
 
 
 @dataclass
@@ -201,27 +203,24 @@ class TrainRecipe:
     data: DataConfig | None = None
 
     def validate(self) -> None:
-        self.model.validate()
-        self.checkpoint.validate()
-        self.eval.validate()
+        # Only what spans sections: each section's own hook has already run (kiln.config.validate_tree runs the
+        # children first), so e.g. batch_rampup.increment >= 1 holds here. Built in Python? validate_tree(recipe).
         if self.train_steps < 1:
-            raise ConfigError(f"train_steps must be >= 1, got {self.train_steps}")
+            raise ValueError(f"train_steps must be >= 1, got {self.train_steps}")
         if self.log_interval < 1:
-            raise ConfigError(f"log_interval must be >= 1, got {self.log_interval}")
+            raise ValueError(f"log_interval must be >= 1, got {self.log_interval}")
         if (self.data is None) == (self.synthetic_data is None):
-            raise ConfigError("set exactly one of 'data' (indexed datasets) or 'synthetic_data'")
+            raise ValueError("set exactly one of 'data' (indexed datasets) or 'synthetic_data'")
         if self.schedule.decay_steps is None and self.schedule.warmup_steps >= self.train_steps:
-            raise ConfigError(
+            raise ValueError(
                 f"schedule.warmup_steps ({self.schedule.warmup_steps}) must be < train_steps ({self.train_steps})"
             )
         ramp, gb = self.batch_rampup, self.parallel.global_batch
         if ramp.enabled:
-            if ramp.increment < 1 or ramp.ramp_samples < 1:
-                raise ConfigError("batch_rampup.increment and batch_rampup.ramp_samples must be >= 1 with a ramp")
             if ramp.start >= gb:
-                raise ConfigError(f"batch_rampup.start ({ramp.start}) must be < parallel.global_batch ({gb})")
+                raise ValueError(f"batch_rampup.start ({ramp.start}) must be < parallel.global_batch ({gb})")
             if (gb - ramp.start) % ramp.increment:
-                raise ConfigError(
+                raise ValueError(
                     f"parallel.global_batch - batch_rampup.start ({gb} - {ramp.start}) must be a multiple of "
                     f"batch_rampup.increment ({ramp.increment})"
                 )

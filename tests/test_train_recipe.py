@@ -69,12 +69,12 @@ def test_layout_errors_name_the_problem(overrides, world, message):
         (["parallel.pp=2", "parallel.zero_stage=2"], "zero_stage=2 cannot be combined with pipeline parallelism"),
         (["parallel.pp=2", "parallel.zero_stage=3"], "zero_stage=3 cannot be combined with pipeline parallelism"),
         (["parallel.zero_stage=4"], "zero_stage must be 0, 1, 2 or 3"),
-        (["parallel.micro_batch=0"], "parallel.micro_batch must be >= 1"),
-        (["parallel.dp=0"], "parallel.dp must be >= 1 or -1"),
-        (["optimizer.lr=0"], "optimizer.lr must be > 0"),
+        (["parallel.micro_batch=0"], "key 'parallel': micro_batch must be >= 1"),
+        (["parallel.dp=0"], "key 'parallel': dp must be >= 1 or -1"),
+        (["optimizer.lr=0"], "key 'optimizer': lr must be > 0"),
         (["schedule.kind=linear"], "expected one of ['cosine', 'wsd', 'constant']"),
         (["schedule.warmup_steps=20"], "schedule.warmup_steps (20) must be < train_steps (20)"),
-        (["batch_rampup.start=4"], "batch_rampup.increment and batch_rampup.ramp_samples must be >= 1"),
+        (["batch_rampup.start=4"], "key 'batch_rampup': increment and ramp_samples must be >= 1"),
         (["batch_rampup.start=2", "batch_rampup.increment=4", "batch_rampup.ramp_samples=10"], "must be a multiple"),
         (["precision=fp16"], "expected one of ['fp32', 'bf16']"),
         (["parallel.tpp=2"], "Did you mean 'tp'?"),
@@ -121,9 +121,11 @@ def test_batch_rampup_follows_megatron_rule():
 
 
 def test_dry_run_prints_partition_and_memory(capsys):
-    from kiln.pretrain.train import main
+    from kiln.cli import main
 
-    rc = main([str(RECIPES / "llama_1b.yaml"), "--dry-run", "--world-size", "16", "parallel.tp=2", "parallel.pp=4"])
+    rc = main(
+        ["train", str(RECIPES / "llama_1b.yaml"), "--dry-run", "--world-size", "16", "parallel.tp=2", "parallel.pp=4"]
+    )
     out = capsys.readouterr().out
     assert rc == 0
     assert "layout TP2 x PP4 x DP2 = 16 ranks" in out
@@ -138,9 +140,9 @@ def test_dry_run_prints_partition_and_memory(capsys):
 
 
 def test_dry_run_rejects_bad_world_size(capsys):
-    from kiln.pretrain.train import main
+    from kiln.cli import main
 
-    assert main([str(TINY), "--dry-run", "--world-size", "6", "parallel.pp=4"]) == 2
+    assert main(["train", str(TINY), "--dry-run", "--world-size", "6", "parallel.pp=4"]) == 2
     assert "world size 6 is not divisible by parallel.tp x parallel.pp = 1 x 4" in capsys.readouterr().err
 
 

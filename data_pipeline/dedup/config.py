@@ -43,13 +43,13 @@ class MinhashConfig:
     def validate(self) -> None:
         for name in ("ngram", "buckets", "hashes_per_bucket", "workers_per_bucket"):
             if getattr(self, name) < 1:
-                raise ValueError(f"minhash.{name} must be >= 1, got {getattr(self, name)}")
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.buckets > 999:
-            raise ValueError(f"minhash.buckets must be <= 999, got {self.buckets}")
+            raise ValueError(f"buckets must be <= 999, got {self.buckets}")
         if not 0 <= self.seed < 2**32:
-            raise ValueError(f"minhash.seed must be in [0, 2**32), got {self.seed}")
+            raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
         if self.verify_threshold is not None and not 0.0 < self.verify_threshold <= 1.0:
-            raise ValueError(f"minhash.verify_threshold must be in (0, 1] or null, got {self.verify_threshold}")
+            raise ValueError(f"verify_threshold must be in (0, 1] or null, got {self.verify_threshold}")
 
 
 @dataclass
@@ -72,10 +72,9 @@ class DedupConfig:
     url_drop_query: bool = False
 
     def validate(self) -> None:
-        if self.minhash is not None:
-            self.minhash.validate()
+        # minhash checks itself: kiln.config.validate_tree runs each hook once (the dedup steps call it too).
         if not (self.exact or self.url or self.minhash is not None):
-            raise ValueError("dedup: enable at least one of exact, url, minhash")
+            raise ValueError("enable at least one of exact, url, minhash")
 
     def fingerprint(self) -> dict:
         """What the signature files depend on; later stages refuse signatures made with another config."""

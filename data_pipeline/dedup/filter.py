@@ -11,6 +11,8 @@ from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.filters.base_filter import BaseFilter
 from datatrove.pipeline.writers.disk_base import DiskWriter
 
+from kiln.config import validate_tree
+
 from .config import DedupConfig
 from .storage import REASONS, REMOVE_DTYPE, rank_dir
 
@@ -29,7 +31,7 @@ class DedupFilter(BaseFilter):
 
     def __init__(self, cfg: DedupConfig, folder: str | os.PathLike, exclusion_writer: DiskWriter | None = None):
         super().__init__(exclusion_writer)
-        cfg.validate()
+        validate_tree(cfg)  # DedupConfig and its minhash section, each once
         self.cfg = cfg
         self.folder = os.fspath(folder)
         self._remove = np.empty(0, dtype=REMOVE_DTYPE)

@@ -9,6 +9,8 @@ from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
 from datatrove.utils.typeshelper import StatHints
 
+from kiln.config import validate_tree
+
 from .config import DedupConfig
 from .hashing import MinHasher, content_hash, url_hash
 from .storage import RankSignatureWriter
@@ -28,7 +30,7 @@ class DedupSignatures(PipelineStep):
 
     def __init__(self, cfg: DedupConfig, folder: str | os.PathLike, batch_size: int = 256):
         super().__init__()
-        cfg.validate()
+        validate_tree(cfg)  # DedupConfig and its minhash section, each once
         self.cfg = cfg
         self.folder = os.fspath(folder)
         self.batch_size = batch_size

@@ -23,6 +23,8 @@ from datatrove.data import DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
 from datatrove.utils.logging import logger
 
+from kiln.config import validate_tree
+
 from .config import DedupConfig
 from .storage import (
     REASON_CODES,
@@ -102,7 +104,7 @@ class _DedupStage(PipelineStep):
 
     def __init__(self, cfg: DedupConfig, folder: str | os.PathLike, num_input_tasks: int):
         super().__init__()
-        cfg.validate()
+        validate_tree(cfg)  # DedupConfig and its minhash section, each once
         self.cfg = cfg
         self.folder = os.fspath(folder)
         self.num_input_tasks = num_input_tasks

@@ -10,8 +10,12 @@ language whose word tokenizer datatrove uses (spaCy's rule-based ``blank`` token
 
 from __future__ import annotations
 
+import csv
+import functools
+import importlib.util
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 _LANG_CODE = re.compile(r"^[a-z]{2,3}(_[A-Za-z]{4})?$")
@@ -32,12 +36,37 @@ def _check_min(name: str, value: float | None, minimum: float, *, nullable: bool
         raise ValueError(f"{name} must be >= {minimum}{hint}, got {value}")
 
 
+@functools.cache
+def _tokenizer_languages() -> frozenset[str]:
+    """The language keys datatrove has a word tokenizer for, as ``load_tokenizer_assignments`` derives them from its
+    bundled ``assets/tokenizer_assignment.csv``. Read here without importing datatrove (~1 s), which recipe loading
+    must not pay; falls back to datatrove's own function if the table is not where it is kept (datatrove 0.x)."""
+    spec = importlib.util.find_spec("datatrove")  # a top-level find_spec locates the package without importing it
+    roots = (spec.submodule_search_locations or ()) if spec is not None else ()
+    table = Path(next(iter(roots), "")) / "assets" / "tokenizer_assignment.csv"
+    if not roots or not table.is_file():
+        from datatrove.utils.word_tokenizers import load_tokenizer_assignments
+
+        return frozenset(load_tokenizer_assignments())
+    keys: set[str] = set()
+    with open(table, newline="") as f:
+        for row in csv.DictReader(f):
+            if not row["type"]:  # no tokenizer class assigned
+                continue
+            keys.add(f"{row['code_3']}_{row['script']}")
+            if row["default_script"]:  # datatrove tests the string ("TRUE"/"FALSE"), so any value counts
+                keys.add(row["code_3"])
+            if row["code_1"] and row["default_code_1"]:
+                keys.add(f"{row['code_1']}_{row['script']}")
+                if row["default_script"]:
+                    keys.add(row["code_1"])
+    return frozenset(keys)
+
+
 def _check_tokenizer_language(language: str) -> None:
     """The heuristic filters split words with datatrove's per-language tokenizer; fail at config time, not in a
     worker, when datatrove has none for this code."""
-    from datatrove.utils.word_tokenizers import load_tokenizer_assignments
-
-    if language not in load_tokenizer_assignments():
+    if language not in _tokenizer_languages():
         raise ValueError(
             f"language {language!r} has no word tokenizer in datatrove; use an ISO 639-1/3 code such as 'en' or 'fra'"
         )

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from pathlib import Path
+
+from kiln.commands import register_modules
 
 # Subpackages that add their own `kiln data` commands through `register(data_subparsers)`.
 DATA_COMMAND_MODULES = ("kiln.data_pipeline.filters.cli", "kiln.data_pipeline.tokenize.cli")
@@ -65,8 +66,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if Path(f"{path}.idx").exists():
         from kiln.data_pipeline.tokenize import inspect_tokenized
 
-        # the tokenizer defaults to the one recorded in the dataset's .meta.json
-        print(inspect_tokenized(str(path), args.tokenizer, n=args.n, start=args.start, color=sys.stdout.isatty()))
+        # the tokenizer defaults to the one recorded in the dataset's .meta.json; colour by default on a terminal
+        color = sys.stdout.isatty() if args.color is None else args.color
+        print(inspect_tokenized(str(path), args.tokenizer, n=args.n, start=args.start, color=color))
         return 0
     from kiln.data_pipeline.inspect_output import inspect_path
 
@@ -119,10 +121,11 @@ def register(subparsers) -> None:
 
     insp = sub.add_parser(
         "inspect",
-        help="look at samples of any stage's output",
+        help="look at samples of any stage's output, tokenized datasets included",
         description=(
             "Show records from a run directory, a folder of shards (output/, excluded/<step>/, rejects/input0/), a "
-            "single .jsonl(.gz) file, or a tokenized dataset prefix (with --tokenizer)."
+            "single .jsonl(.gz) file, or a tokenized dataset prefix (PREFIX.bin/.idx, e.g. tokens/web_meco): its "
+            "documents decoded, with the tokens that carry no loss wrapped in ⟦...⟧ (dimmed with --color)."
         ),
     )
     insp.add_argument("path")
@@ -132,15 +135,15 @@ def register(subparsers) -> None:
     insp.add_argument("--sample", action="store_true", help="uniform random sample instead of the first N")
     insp.add_argument("--seed", type=int, default=0)
     insp.add_argument("--max-chars", type=int, default=800, help="truncate each text (default 800)")
-    insp.add_argument("--tokenizer", help="tokenizer for a tokenized dataset (default: the one in its .meta.json)")
-    insp.add_argument("--start", type=int, default=0, help="first document of a tokenized dataset")
+    tokenized = insp.add_argument_group("tokenized datasets")
+    tokenized.add_argument("-t", "--tokenizer", help="tokenizer to decode with (default: the one in PREFIX.meta.json)")
+    tokenized.add_argument("--start", type=int, default=0, help="first document (default 0)")
+    tokenized.add_argument(
+        "--color",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="dim no-loss tokens with ANSI colours instead of ⟦...⟧ (default: on a terminal)",
+    )
     insp.set_defaults(func=cmd_inspect)
 
-    for name in DATA_COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name != name:
-                raise
-            continue
-        module.register(sub)
+    register_modules(sub, DATA_COMMAND_MODULES)

@@ -7,7 +7,8 @@ Run directory layout (everything a user may want to look at is a folder of `.jso
     <output_dir>/excluded/<step>/     dropped documents, with the reason in metadata
     <output_dir>/rejects/input<i>/    malformed input records, with file, line and reason
     <output_dir>/work/                intermediate data (filtered shards, dedup signatures)
-    <output_dir>/logs/<stage>/        datatrove logging dirs: per-task stats and completion markers
+    <output_dir>/logs/<stage>/        datatrove logging dirs: per-task logs, stats and completion markers
+    <output_dir>/logs/<stage>.log     the parent process's datatrove log lines of a local run (`console`)
     <output_dir>/report/              `kiln data stats` output (table, PNG, HTML, JSON)
 
 Resume: datatrove records a completion marker per task; re-running the same recipe skips completed tasks and
@@ -31,9 +32,10 @@ from datatrove.pipeline.writers import JsonlWriter
 from kiln.data_pipeline.dedup import DedupFilter, DedupSignatures, find_duplicate_stages
 from kiln.data_pipeline.filters import build_filter
 from kiln.data_pipeline.readers import build_input_steps
-from kiln.data_pipeline.recipe import DataRecipe, step_name
+from kiln.data_pipeline.recipe import DataRecipe, ExecutorConfig, TokenizeStageConfig, step_name
 
 from kiln.config import to_dict
+from kiln.logs import is_verbose
 
 SHARD_NAME = "${rank}.jsonl.gz"
 
@@ -99,19 +101,29 @@ def tokens_prefix(recipe: DataRecipe) -> str:
     return str(RunLayout(recipe.output_dir).root / "tokens" / recipe.name)
 
 
-def _tokenize_stages(recipe: DataRecipe) -> list[Stage]:
+def tokenize_stages(
+    source: list[PipelineStep], cfg: TokenizeStageConfig, prefix: str, tasks: int, merge: bool = True
+) -> list[Stage]:
+    """Tokenize the documents `source` yields (task r writes shard r), then merge the shards in rank order.
+
+    The one definition of tokenization as stages: a recipe's `tokenize:` block reads the curation output, and
+    `kiln data tokenize` reads arbitrary JSONL; only `source` differs, so both write the same bytes.
+    """
     from kiln.data_pipeline.tokenize import MergeIndexedShards, TokenizeToIndexed
 
-    cfg = recipe.tokenize
-    layout = RunLayout(recipe.output_dir)
-    prefix = tokens_prefix(recipe)
     step = TokenizeToIndexed(
         prefix, cfg.tokenizer, meco=cfg.meco, batch_size=cfg.batch_size, num_threads=cfg.num_threads
     )
-    return [
-        Stage("tokenize", [RankShardReader(str(layout.output)), step], recipe.executor.tasks),
-        Stage("tokenize_merge", [MergeIndexedShards(prefix)], 1),
-    ]
+    stages = [Stage("tokenize", [*source, step], tasks)]
+    if merge:
+        stages.append(Stage("tokenize_merge", [MergeIndexedShards(prefix)], 1))
+    return stages
+
+
+def _tokenize_stages(recipe: DataRecipe) -> list[Stage]:
+    layout = RunLayout(recipe.output_dir)
+    source = [RankShardReader(str(layout.output))]
+    return tokenize_stages(source, recipe.tokenize, tokens_prefix(recipe), recipe.executor.tasks)
 
 
 def build_stages(recipe: DataRecipe) -> list[Stage]:
@@ -124,9 +136,11 @@ def build_stages(recipe: DataRecipe) -> list[Stage]:
 def _curation_stages(recipe: DataRecipe) -> list[Stage]:
     layout = RunLayout(recipe.output_dir)
     tasks = recipe.executor.tasks
+    # per-task bars from several processes garble a terminal; a quiet local run shows one line per stage instead
+    progress = recipe.progress and (recipe.executor.kind != "local" or is_verbose())
     first: list[PipelineStep] = []
     for i, source in enumerate(recipe.inputs):
-        first += build_input_steps(source, str(layout.rejects / f"input{i}"), progress=recipe.progress)
+        first += build_input_steps(source, str(layout.rejects / f"input{i}"), progress=progress)
     for cfg in recipe.filters:
         writer = JsonlWriter(str(layout.excluded / step_name(cfg)), output_filename=SHARD_NAME)
         first.append(build_filter(cfg, exclusion_writer=writer))
@@ -154,21 +168,32 @@ def _curation_stages(recipe: DataRecipe) -> list[Stage]:
     return stages
 
 
-def make_executors(recipe: DataRecipe, stages: list[Stage]) -> list:
-    """One datatrove executor per stage, each depending on the previous one."""
-    layout = RunLayout(recipe.output_dir)
-    ex = recipe.executor
+def make_executors(stages: list[Stage], ex: ExecutorConfig, logs_root: Path, job_prefix: str) -> list:
+    """One datatrove executor per stage, each depending on the previous one; logs under `logs_root/<stage>/`."""
     executors: list = []
     for stage in stages:
-        logs = str(layout.stage_logs(stage.name))
+        logs = str(logs_root / stage.name)
         depends = executors[-1] if executors else None
         workers = min(stage.tasks, ex.effective_workers)
         if ex.kind == "local":
-            from datatrove.executor import LocalPipelineExecutor
+            if is_verbose():  # `kiln -v`: datatrove's own console output
+                from datatrove.executor import LocalPipelineExecutor
 
-            executor = LocalPipelineExecutor(
-                stage.pipeline, tasks=stage.tasks, workers=workers, logging_dir=logs, depends=depends
-            )
+                executor = LocalPipelineExecutor(
+                    stage.pipeline, tasks=stage.tasks, workers=workers, logging_dir=logs, depends=depends
+                )
+            else:
+                from kiln.data_pipeline.console import QuietLocalExecutor
+
+                executor = QuietLocalExecutor(
+                    stage.pipeline,
+                    tasks=stage.tasks,
+                    workers=workers,
+                    logging_dir=logs,
+                    depends=depends,
+                    stage_name=stage.name,
+                    stage_log=logs_root / f"{stage.name}.log",
+                )
         elif ex.kind == "ray":
             from datatrove.executor import RayPipelineExecutor
 
@@ -193,9 +218,9 @@ def make_executors(recipe: DataRecipe, stages: list[Stage]) -> list:
                 cpus_per_task=ex.slurm.cpus_per_task,
                 mem_per_cpu_gb=ex.slurm.mem_per_cpu_gb,
                 qos=ex.slurm.qos,
-                job_name=f"kiln-{recipe.name}-{stage.name}",
+                job_name=f"{job_prefix}-{stage.name}",
                 logging_dir=logs,
-                slurm_logs_folder=str(layout.logs / "slurm" / stage.name),
+                slurm_logs_folder=str(logs_root / "slurm" / stage.name),
                 venv_path=f"{venv}/bin/activate" if venv else None,
                 sbatch_args=dict(ex.slurm.sbatch_args),
                 depends=depends,
@@ -213,25 +238,44 @@ def save_recipe(recipe: DataRecipe) -> Path:
     return path
 
 
-def _ensure_ray(recipe: DataRecipe) -> None:
+def _ensure_ray(ex: ExecutorConfig) -> None:
     import ray
 
     if not ray.is_initialized():
-        if recipe.executor.ray.address:
-            ray.init(address=recipe.executor.ray.address)
+        if ex.ray.address:
+            ray.init(address=ex.ray.address)
         else:  # a local single-node cluster on loopback, no dashboard: nothing leaves the machine
             ray.init(include_dashboard=False, num_cpus=os.cpu_count(), _node_ip_address="127.0.0.1")
 
 
-def run_recipe(recipe: DataRecipe) -> list:
-    """Run (or resume) every stage. Local and Ray block until done; Slurm submits and returns the job chain."""
-    save_recipe(recipe)
-    stages = build_stages(recipe)
-    executors = make_executors(recipe, stages)
-    if recipe.executor.kind == "ray":
-        _ensure_ray(recipe)
+def run_stages(stages: list[Stage], ex: ExecutorConfig, logs_root: Path, job_prefix: str) -> list:
+    """Run (or resume) `stages` in order. Local and Ray block until done; Slurm submits and returns the chain."""
+    executors = make_executors(stages, ex, logs_root, job_prefix)
+    if ex.kind == "ray":
+        _ensure_ray(ex)
     executors[-1].run()  # runs its dependencies first (datatrove's `depends` chain)
     return executors
+
+
+def run_recipe(recipe: DataRecipe) -> list:
+    """Run (or resume) every stage of a recipe, tokenization included."""
+    save_recipe(recipe)
+    return run_stages(build_stages(recipe), recipe.executor, RunLayout(recipe.output_dir).logs, f"kiln-{recipe.name}")
+
+
+def run_tokenize(
+    source: list[PipelineStep],
+    cfg: TokenizeStageConfig,
+    ex: ExecutorConfig,
+    work_dir: str | os.PathLike,
+    merge: bool = True,
+) -> list:
+    """`kiln data tokenize`: a recipe's tokenize stages over the documents `source` yields; datatrove's logs and
+    completion markers go to `work_dir/logs/`, the datasets to `cfg.output_prefix`."""
+    if not cfg.output_prefix:
+        raise ValueError("run_tokenize needs cfg.output_prefix")
+    stages = tokenize_stages(source, cfg, cfg.output_prefix, ex.tasks, merge=merge)
+    return run_stages(stages, ex, Path(work_dir).resolve() / "logs", "kiln-tokenize")
 
 
 def iter_output(folder: str | os.PathLike) -> Iterator[dict]:

@@ -225,3 +225,30 @@ def test_slurm_generates_valid_sbatch_chain(tmp_path, monkeypatch):
         if k > 0:  # each stage starts only after the previous stage succeeded
             assert f"--dependency=afterok:{job_ids[k - 1]}" in job["args"]
     assert "#SBATCH --array=0-2" in jobs[0]["script"]  # 3 tasks in the first stage
+
+
+def test_tokenize_cli_and_recipe_stage_write_identical_datasets(tmp_path):
+    """`kiln data tokenize` and a recipe's `tokenize:` stage are one runner path: same documents, same bytes."""
+    from kiln.data_pipeline.tokenize import TokenizerTrainConfig, train_tokenizer
+
+    inp = tmp_path / "in"
+    write_shards(inp, n_files=2, docs_per_file=30)
+    tok = train_tokenizer(TokenizerTrainConfig(inputs=[str(inp)], output_dir=str(tmp_path / "tok"), vocab_size=400))
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        [{"kind": "jsonl", "path": str(inp)}],
+        tmp_path / "run",
+        tasks=2,
+        metadata={"kind": "url_host"},
+        tokenize={"tokenizer": str(tok), "meco": True},
+    )
+    assert main(["data", "run", str(recipe)]) == 0
+    from_recipe = tmp_path / "run" / "tokens" / "test"
+    from_cli = tmp_path / "cli" / "test"
+    cmd = ["data", "tokenize", str(tmp_path / "run" / "output"), "-t", str(tok), "-o", str(from_cli), "--meco"]
+    assert main([*cmd, "--tasks", "2"]) == 0
+    for variant in ("_meco", "_plain"):
+        for part in ("", "_loss_mask"):
+            for ext in (".bin", ".idx"):
+                a, b = Path(f"{from_recipe}{variant}{part}{ext}"), Path(f"{from_cli}{variant}{part}{ext}")
+                assert a.stat().st_size > 0 and a.read_bytes() == b.read_bytes(), f"{a.name} differs"

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from conftest import shared_file
 from datatrove.data import Document
+from kiln.data_pipeline.cli import register as register_data
 from kiln.data_pipeline.metadata import AddMetadata
 from kiln.data_pipeline.tokenize import (
     EmptyCorpusError,
@@ -31,7 +32,6 @@ from kiln.data_pipeline.tokenize import (
     tokenize_documents,
     train_tokenizer,
 )
-from kiln.data_pipeline.tokenize.cli import register
 
 from kiln.config import ConfigError
 
@@ -298,27 +298,38 @@ def test_inspect_marks_no_loss_tokens(tok_dir, tmp_path):
 
 
 def test_cli_train_tokenize_inspect(tmp_path, capsys):
-    parser = argparse.ArgumentParser(prog="kiln data")
-    register(parser.add_subparsers())
+    parser = argparse.ArgumentParser(prog="kiln")
+    register_data(parser.add_subparsers())
+    data_commands = parser._subparsers._group_actions[0].choices["data"]._subparsers._group_actions[0].choices
+    assert "inspect-tokens" not in data_commands  # folded into `kiln data inspect`
     corpus = write_jsonl(
         tmp_path / "c.jsonl",
         [{"text": t, "url": f"https://www.s{i % 2}.com/x"} for i, t in enumerate(synthetic_texts(40, seed=7))],
     )
-    args = parser.parse_args(["train-tokenizer", str(corpus), "-o", str(tmp_path / "tok"), "--vocab-size", "350"])
-    assert args.func(args) == 0
+
+    def run(*argv: str) -> int:
+        args = parser.parse_args(["data", *argv])
+        return args.func(args)
+
+    assert run("train-tokenizer", str(corpus), "-o", str(tmp_path / "tok"), "--vocab-size", "350") == 0
     out = tmp_path / "out" / "c"
-    cmd = ["tokenize", str(corpus), "-t", str(tmp_path / "tok"), "-o", str(out), "--meco", "--strip-www"]
-    args = parser.parse_args(cmd)
-    assert args.func(args) == 0
-    printed = capsys.readouterr().out
-    assert f"{out}_meco: 40 documents" in printed and f"{out}_plain: 40 documents" in printed
-    args = parser.parse_args(["inspect-tokens", f"{out}_meco", "-n", "1"])
-    assert args.func(args) == 0
+    assert run("tokenize", str(corpus), "-t", str(tmp_path / "tok"), "-o", str(out), "--meco", "--strip-www") == 0
+    printed = capsys.readouterr()
+    assert f"{out}_meco: 40 documents" in printed.out and f"{out}_plain: 40 documents" in printed.out
+    assert "  stage tokenize " in printed.err and "  stage tokenize_merge " in printed.err  # the runner's stages
+    assert (tmp_path / "out" / "c.work" / "logs" / "tokenize.log").is_file()
+    assert run("inspect", f"{out}_meco", "-n", "1", "--no-color") == 0
     assert "⟦<s>URL: s0.com\n\n⟧" in capsys.readouterr().out
-    args = parser.parse_args(["tokenize", str(corpus), "-t", str(tmp_path / "none"), "-o", str(out)])
+    assert run("inspect", f"{out}_meco", "-t", str(tmp_path / "tok"), "-n", "1", "--start", "1", "--color") == 0
+    shown = capsys.readouterr().out
+    assert "--- document 1:" in shown and "\x1b[2m<s>URL: s1.com\n\n\x1b[0m" in shown
     with pytest.raises(TokenizerNotFoundError, match="tokenizer not found"):
-        args.func(args)
-    assert "megatron-core indexed datasets" in parser._subparsers._group_actions[0].choices["tokenize"].format_help()
+        run("tokenize", str(corpus), "-t", str(tmp_path / "none"), "-o", str(out))
+    with pytest.raises(TokenizeError, match="--tasks must be >= 1, got 0"):
+        run("tokenize", str(corpus), "-t", str(tmp_path / "tok"), "-o", str(out), "--tasks", "0")
+    help_text = " ".join(data_commands["tokenize"].format_help().split())
+    assert "megatron-core indexed datasets" in help_text
+    assert "min(--tasks, CPU count)" in help_text  # executor.workers' meaning
 
 
 @pytest.mark.shared_data

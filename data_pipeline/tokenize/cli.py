@@ -1,4 +1,4 @@
-"""`kiln data train-tokenizer`, `kiln data tokenize`, `kiln data inspect-tokens`.
+"""`kiln data train-tokenizer`, `kiln data tokenize` (`kiln data inspect PREFIX` decodes the result).
 
 Heavy imports (sentencepiece, datatrove, megatron-core) happen inside the commands, so `kiln --help` stays fast.
 """
@@ -29,7 +29,8 @@ Output: megatron-core indexed datasets PREFIX.bin/.idx (one document = one seque
 loss mask PREFIX_loss_mask.bin/.idx (uint8, 1 = token is a training target) and PREFIX.meta.json (tokenizer
 fingerprint, vocab size, counts). With --meco, the URL host of each document ("URL: en.wikipedia.org\\n\\n")
 is prepended in PREFIX_meco with no loss on BOS and the metadata, and PREFIX_plain holds the same documents
-without it, for the cooldown."""
+without it, for the cooldown. Runs as a recipe's tokenize stage does (--tasks/--workers = executor.tasks/
+workers); datatrove's logs and completion markers are in PREFIX.work/logs/ (an interrupted run resumes)."""
 
 
 def register(data_subparsers) -> None:
@@ -88,25 +89,13 @@ def register(data_subparsers) -> None:
     t.add_argument("--strip-www", action="store_true", help="URL host without a leading www.")
     t.add_argument("--text-key", default="text", help="JSONL field holding the text (default: text)")
     t.add_argument("--url-key", default="url", help="JSONL field holding the source URL (default: url)")
+    # --tasks / --workers mean what a recipe's executor.tasks / executor.workers mean: the same runner runs both
     t.add_argument("--tasks", type=int, default=1, help="parallel tasks = output shards before the merge")
-    t.add_argument("--workers", type=int, default=-1, help="processes at once (default: --tasks)")
+    t.add_argument("--workers", type=int, default=-1, help="processes at once (default -1: min(--tasks, CPU count))")
     t.add_argument("--threads", type=int, default=1, help="sentencepiece encoding threads per task")
     t.add_argument("--batch-size", type=int, default=1000, help="documents per tokenizer call (default 1000)")
     t.add_argument("--keep-shards", action="store_true", help="do not merge; keep one dataset per task")
     t.set_defaults(func=_tokenize_cmd)
-
-    i = data_subparsers.add_parser(
-        "inspect-tokens",
-        help="decode tokenized documents and show which tokens carry loss",
-        description="Decode documents of a tokenized dataset; no-loss tokens are wrapped in ⟦...⟧ (dimmed on a "
-        "terminal with --color).",
-    )
-    i.add_argument("prefix", help="dataset prefix, e.g. tokens/web_meco")
-    i.add_argument("-t", "--tokenizer", default=None, help="tokenizer (default: the one in PREFIX.meta.json)")
-    i.add_argument("-n", type=int, default=3, help="documents to show (default 3)")
-    i.add_argument("--start", type=int, default=0, help="first document (default 0)")
-    i.add_argument("--color", action="store_true", help="dim no-loss tokens with ANSI colours instead of ⟦⟧")
-    i.set_defaults(func=_inspect_cmd)
 
 
 def _train_tokenizer_cmd(args) -> int:
@@ -155,21 +144,18 @@ def _jsonl_reader(inputs: list[str], text_key: str, out_dir: Path):
 
 
 def _tokenize_cmd(args) -> int:
-    from datatrove.executor import LocalPipelineExecutor
+    """The recipe's tokenize stages (`runner.run_tokenize`) over the given files; the reader is the difference."""
     from kiln.data_pipeline.metadata import AddMetadata, MetadataConfig
-    from kiln.data_pipeline.tokenize.indexed import (
-        TokenizeToIndexed,
-        dataset_prefix,
-        list_shards,
-        merge_shards,
-        meta_path,
-        read_meta,
-        shard_variants,
-    )
+    from kiln.data_pipeline.recipe import ExecutorConfig, TokenizeStageConfig
+    from kiln.data_pipeline.runner import run_tokenize
+    from kiln.data_pipeline.tokenize.indexed import dataset_prefix, list_shards, meta_path, read_meta, shard_variants
     from kiln.data_pipeline.tokenize.tokenizer import TokenizeError, load_tokenizer
 
-    if args.tasks < 1:
-        raise TokenizeError(f"--tasks must be >= 1, got {args.tasks}")
+    executor = ExecutorConfig(kind="local", tasks=args.tasks, workers=args.workers)
+    try:
+        executor.validate()
+    except ValueError as e:
+        raise TokenizeError(f"--{e}") from None  # "--tasks must be >= 1, got 0"
     tok = load_tokenizer(args.tokenizer)  # fail before any work when the tokenizer is missing or unreadable
     out = Path(args.output)
     work = Path(f"{out}.work")
@@ -178,35 +164,30 @@ def _tokenize_cmd(args) -> int:
         shutil.rmtree(work)  # a finished earlier run: start fresh rather than "resume" it
     work.mkdir(parents=True, exist_ok=True)
     reader, n_files = _jsonl_reader(args.inputs, args.text_key, work)
-    pipeline = [reader]
-    if args.meco:
-        cfg = MetadataConfig(
+    source = [reader]
+    if args.meco:  # a recipe derives the prefix in its `metadata` stage; loose files get it here
+        meta_cfg = MetadataConfig(
             kind=args.metadata, url_key=args.url_key, strip_www=args.strip_www, field=args.metadata_field
         )
-        pipeline.append(AddMetadata(cfg))
-    pipeline.append(
-        TokenizeToIndexed(out, tok.path, meco=args.meco, batch_size=args.batch_size, num_threads=args.threads)
+        source.append(AddMetadata(meta_cfg))
+    cfg = TokenizeStageConfig(
+        tokenizer=str(tok.path),
+        output_prefix=str(out),
+        meco=args.meco,
+        batch_size=args.batch_size,
+        num_threads=args.threads,
     )
     print(f"tokenizing {n_files} file(s) with {tok!r} in {args.tasks} task(s) -> {out}", file=sys.stderr)
-    LocalPipelineExecutor(
-        pipeline, tasks=args.tasks, workers=args.workers, logging_dir=str(work / "logs"), skip_completed=True
-    ).run()
+    run_tokenize(source, cfg, executor, work, merge=not args.keep_shards)
     if args.keep_shards:
         for variant in shard_variants(out):
             shards = list_shards(out, variant)
             print(f"{dataset_prefix(out, variant)}: {len(shards)} shard(s): {' '.join(shards)}")
         return 0
-    for prefix in merge_shards(out):
+    for prefix in (dataset_prefix(out, v) for v in variants):
         meta = read_meta(prefix)
         print(
             f"{prefix}: {meta['documents']} documents, {meta['tokens']} tokens ({meta['loss_tokens']} with loss), "
             f"{meta['token_dtype']}"
         )
-    return 0
-
-
-def _inspect_cmd(args) -> int:
-    from kiln.data_pipeline.tokenize.inspection import inspect_tokenized
-
-    sys.stdout.write(inspect_tokenized(args.prefix, args.tokenizer, n=args.n, start=args.start, color=args.color))
     return 0

@@ -2,7 +2,7 @@
 
 datatrove's ``.ds`` output is hard to inspect (a known complaint); this is the answer for ours::
 
-    kiln data inspect-tokens out/web_meco --tokenizer tok/ -n 2
+    kiln data inspect out/web_meco --tokenizer tok/ -n 2
 
 prints, per document, its index, token and loss-token counts, and the decoded text with every span of
 no-loss tokens wrapped in ``⟦...⟧`` (or dimmed with ``color=True``); special tokens (BOS/EOS) are shown by

@@ -38,6 +38,8 @@ from kiln.data_pipeline.tokenize.tokenizer import (
     sentencepiece_to_hf,
 )
 
+from kiln.logs import is_verbose
+
 TEXT_SUFFIXES = (".txt", ".txt.gz")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json.gz", ".ndjson", ".jsonl.zst")
 
@@ -190,7 +192,9 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> Path:
             pad_piece=cfg.pad_piece,
             user_defined_symbols=list(cfg.chat_tokens) + list(cfg.user_defined_symbols),
             num_threads=cfg.num_threads,
-            minloglevel=2,
+            # sentencepiece logs hundreds of INFO lines per training to stderr; errors only unless `kiln -v`. (The
+            # level is not part of the model: the same bytes either way.)
+            minloglevel=0 if is_verbose() else 2,
         )
     except RuntimeError as e:
         if counts["sentences"] == 0:

@@ -263,6 +263,16 @@ def run_recipe(recipe: DataRecipe) -> list:
     return run_stages(build_stages(recipe), recipe.executor, RunLayout(recipe.output_dir).logs, f"kiln-{recipe.name}")
 
 
+def run_recipe_tokenize(recipe: DataRecipe) -> list:
+    """Only the recipe's tokenize stages, over its finished curation output (the demo trains its tokenizer on
+    that output in between, so the curation stages are not re-listed as resumed)."""
+    if recipe.tokenize is None:
+        raise ValueError(f"recipe {recipe.name} has no tokenize section")
+    return run_stages(
+        _tokenize_stages(recipe), recipe.executor, RunLayout(recipe.output_dir).logs, f"kiln-{recipe.name}"
+    )
+
+
 def run_tokenize(
     source: list[PipelineStep],
     cfg: TokenizeStageConfig,

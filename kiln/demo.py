@@ -104,16 +104,23 @@ class Demo:
         return StageResult("tokenizer", tokenizer, f"{self.args.vocab_size:,}-token sentencepiece BPE")
 
     def tokenize(self) -> StageResult:
-        from kiln.data_pipeline.runner import run_recipe, tokens_prefix
+        from kiln.data_pipeline.runner import run_recipe_tokenize, tokens_prefix
         from kiln.data_pipeline.tokenize import inspect_tokenized
         from kiln.data_pipeline.tokenize.indexed import read_meta
 
         recipe = self.recipe(f"tokenize.tokenizer={self.out / 'tokenizer'}", "tokenize.meco=true")
-        run_recipe(recipe)  # the curation stages are complete and skipped; only tokenization runs
+        run_recipe_tokenize(recipe)
         prefix = tokens_prefix(recipe)
         print(inspect_tokenized(f"{prefix}_meco", n=1)[: self.args.show_chars].rstrip())
         meta = read_meta(f"{prefix}_meco")
         return StageResult("tokenize", Path(prefix).parent, f"{meta['tokens']:,} tokens (MeCo + plain twins)")
+
+    def _shown(self, path: Path) -> str:
+        """Paths relative to the working directory when they are below it, as the user typed the output dir."""
+        try:
+            return str(path.resolve().relative_to(Path.cwd().resolve()))
+        except ValueError:
+            return str(path)
 
     def run(self) -> int:
         stop = STAGES.index(self.args.stop_after) if self.args.stop_after else len(STAGES) - 1
@@ -137,9 +144,12 @@ class Demo:
             table.add_column(col, justify=justify)
         table.add_column("key figure")
         for r in self.results:
-            table.add_row(r.name, str(r.path), _human(_size(r.path)), f"{r.seconds:.1f} s", r.figure)
+            table.add_row(r.name, self._shown(r.path), _human(_size(r.path)), f"{r.seconds:.1f} s", r.figure)
         table.caption = f"full logs: {self.out / 'logs'}  (re-run to resume; -v shows everything)"
-        Console().print(table)
+        console = Console()
+        if not console.is_terminal:
+            console = Console(width=120)  # piped or logged: one row per stage rather than rich's 80-column wrap
+        console.print(table)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -161,6 +171,6 @@ def register(subparsers) -> None:
     p.add_argument("--max-docs", type=int, default=20000, help="cap on corpus documents (default 20000)")
     p.add_argument("--rebuild-corpus", action="store_true", help="rebuild the corpus even if it exists")
     p.add_argument("--vocab-size", type=int, default=4000, help="demo tokenizer vocabulary (default 4000)")
-    p.add_argument("--show-chars", type=int, default=1500, help="characters of the decoded sample to print")
+    p.add_argument("--show-chars", type=int, default=800, help="characters of the decoded sample to print")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the demo recipe")
     p.set_defaults(func=cmd_demo)

@@ -28,6 +28,10 @@ def test_torchrun_pipeline_run_writes_metrics(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [line for line in proc.stdout.splitlines() if line.startswith("step ")]
     assert [line.split(" | ")[0] for line in lines] == ["step 2/4", "step 4/4"]  # rank 0 only
+    # the kiln logger prints informational lines on rank 0 only: which attention path runs is said once per run
+    assert proc.stderr.count("kiln: attention runs the ") == 1, proc.stderr[-3000:]
+    assert "Transformer Engine and Apex are not installed" not in proc.stderr  # third-party warnings: run logs
+    assert "Transformer Engine and Apex are not installed" in (tmp_path / "logs" / "train_rank0.log").read_text()
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [2, 4]
     assert all(r["global_batch"] == 8 and r["tokens"] == 8 * 32 for r in records)

@@ -25,9 +25,21 @@ GPU (only when ``torch.cuda.is_available()``): our trainer on a ~1B Llama (hidde
 ``kiln.pretrain.callbacks.flops_per_token`` (causal attention FLOPs) and ``peak_flops_per_device("bfloat16")``.
 Without a GPU this part is reported as not run.
 
+GPU mode (``--gpu``, what ``benchmarks/gpu_suite.sh`` runs on one H200): the same pairing on the ~1B model of
+``recipes/pretrain/llama_1b_1gpu.yaml`` (seq 4096, 4 packed documents per sample, bf16, ZeRO 1 at DP = 1, fused
+kernels as the recipe says). The plain loop then does what DeepSpeed's bf16 mode does, by hand: bf16 weights
+(copied from the engine's module, so both sides start from the same weights), fp32 master weights, gradients
+accumulated in fp32 over the micro-batches, ``clip_grad_norm_`` and ``torch.optim.AdamW`` on the masters, then
+the masters copied back into the bf16 weights. Reported per side: median step time, tokens/s, TFLOP/s and MFU
+(``flops_per_token`` over ``peak_flops_per_device``; the kiln side's numbers are those of its own ``Throughput``
+callback, i.e. of its console line), the peak GPU memory during its steps (both models resident), the per-step
+losses; written as JSON with ``--json-out``. ``--gpu --dry-run`` runs that code path on CPU with a tiny model.
+
 Usage (from the repository root):
 
     python -m benchmarks.train                       # CPU comparison (+ GPU MFU when a GPU is present)
+    python -m benchmarks.train --gpu --json-out train.json   # 1B, bf16, kiln vs plain on one GPU
+    python -m benchmarks.train --gpu --dry-run --no-record   # the same code path on CPU, tiny model
     python -m benchmarks.train --zero-stage 0        # the DeepSpeed engine without the ZeRO optimizer wrapper
     python -m benchmarks.train --profile             # also: cProfile of kiln steps, top functions by self time
 
@@ -39,6 +51,8 @@ from __future__ import annotations
 import argparse
 import cProfile
 import datetime
+import json
+import math
 import os
 import platform
 import pstats
@@ -51,6 +65,21 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "train.md"
 TINY = str(REPO / "recipes" / "pretrain" / "tiny.yaml")
+GPU_RECIPE = str(REPO / "recipes" / "pretrain" / "llama_1b_1gpu.yaml")
+# --gpu --dry-run: the 1-GPU recipe shrunk to a CPU-sized model (same precision, packing, ZeRO stage, kernels)
+DRY_OVERRIDES = [
+    "model.vocab_size=256",
+    "model.hidden_size=64",
+    "model.intermediate_size=128",
+    "model.num_hidden_layers=2",
+    "model.num_attention_heads=4",
+    "model.num_key_value_heads=2",
+    "model.head_dim=16",
+    "model.max_position_embeddings=64",
+    "synthetic_data.seq_length=64",
+    "parallel.micro_batch=2",
+    "parallel.global_batch=4",
+]
 RUN_DIR = Path(tempfile.gettempdir()) / "kiln-benchmark-train"  # nothing is logged there (loggers off)
 
 CPU_MODEL = {
@@ -172,9 +201,13 @@ def run_kiln(recipe, dataset, ctx, profile: cProfile.Profile | None = None) -> S
 
 
 class PlainLoop:
-    """The reference loop: same model, data, micro-batching, AdamW, clipping and LR schedule; nothing else."""
+    """The reference loop: same model, data, micro-batching, AdamW, clipping and LR schedule; nothing else.
 
-    def __init__(self, recipe, dataset, device):
+    fp32: the model's own parameters in ``torch.optim.AdamW``. bf16 (the recipe's precision): bf16 weights, fp32
+    master copies that AdamW updates, gradients accumulated in fp32, the masters copied back after each step (what
+    DeepSpeed's bf16 mode does). ``source``: a module whose weights to start from (the engine's), else the seed."""
+
+    def __init__(self, recipe, dataset, device, source=None):
         import torch
         from kiln.parallel.zero import weight_decay_groups
         from kiln.pretrain.model import KilnLlama
@@ -182,10 +215,31 @@ class PlainLoop:
 
         self.recipe, self.dataset = recipe, dataset
         self.device = device
-        self.model = KilnLlama(recipe.model, tp_group=None, init_seed=recipe.seed).to(device)
+        self.bf16 = recipe.precision == "bf16"
+        if source is None:
+            self.model = KilnLlama(recipe.model, tp_group=None, init_seed=recipe.seed).to(device)
+        else:  # built on the device (no CPU init of a 1B model), weights copied from ``source`` below
+            with torch.device(device):
+                self.model = KilnLlama(recipe.model, tp_group=None, init_seed=None)
+        if self.bf16:
+            self.model.to(torch.bfloat16)
+        if source is not None:
+            with torch.no_grad():
+                pairs = [*zip(self.model.named_parameters(), source.named_parameters()),
+                         *zip(self.model.named_buffers(), source.named_buffers())]  # fmt: skip
+                for (name, p), (src_name, q) in pairs:
+                    if name != src_name or p.shape != q.shape:
+                        raise ValueError(f"cannot copy {src_name} {tuple(q.shape)} into {name} {tuple(p.shape)}")
+                    p.copy_(q)
+            # the RoPE frequencies are a plain attribute (never rounded to bf16): the source's, computed on CPU
+            self.model.rotary.inv_freq = source.rotary.inv_freq.clone()
         opt = recipe.optimizer
+        named = list(self.model.named_parameters())
+        if self.bf16:
+            self.masters = [p.detach().float().clone().requires_grad_() for _, p in named]
+            named = [(n, m) for (n, _), m in zip(named, self.masters)]
         self.optimizer = torch.optim.AdamW(
-            weight_decay_groups(self.model.named_parameters(), opt.weight_decay),
+            weight_decay_groups(named, opt.weight_decay),
             lr=opt.lr,
             betas=opt.betas,
             eps=opt.eps,
@@ -204,7 +258,8 @@ class PlainLoop:
         for group in self.optimizer.param_groups:
             group["lr"] = self.schedule(self.step_index)
         batches = local_micro_batches(self.dataset, self.consumed, gb, micro, 0, 1)
-        total = 0.0
+        params = list(self.model.parameters())
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
         for mb in batches:
             mb = {k: v.to(self.device, non_blocking=True) for k, v in mb.items()}
             loss = self.model(
@@ -215,32 +270,58 @@ class PlainLoop:
                 loss_mask=mb["loss_mask"],
             )
             (loss / len(batches)).backward()
-            total += float(loss.detach())
+            total += loss.detach().double()
+            if self.bf16:  # accumulate in fp32 on the masters, as DeepSpeed's grad_accum_dtype fp32
+                for p, m in zip(params, self.masters):
+                    if p.grad is None:
+                        continue
+                    m.grad = p.grad.float() if m.grad is None else m.grad.add_(p.grad)
+                    p.grad = None
+        updated = self.masters if self.bf16 else params
         clip = self.recipe.optimizer.clip_grad
         if clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+            torch.nn.utils.clip_grad_norm_(updated, clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.bf16:
+            with torch.no_grad():
+                for p, m in zip(params, self.masters):
+                    p.copy_(m)
         _sync()
         self.consumed += gb
         self.step_index += 1
         self.times.append(_since(start))
-        self.losses.append(total / len(batches))
+        self.losses.append(float(total) / len(batches))
 
 
 def run_paired(
-    recipe, dataset, ctx, profile: cProfile.Profile | None = None, skip_dp1_allreduce: bool = False
+    recipe,
+    dataset,
+    ctx,
+    profile: cProfile.Profile | None = None,
+    skip_dp1_allreduce: bool = False,
+    record: dict | None = None,
 ) -> tuple[list, list, list, list]:
     """Our trainer, with one plain-loop step run right after each of its steps (inside a callback whose time
     is taken out of the trainer's clock): each pair of step times is measured under the same machine load.
-    Returns (kiln step times, plain step times, kiln losses, plain losses)."""
+    Returns (kiln step times, plain step times, kiln losses, plain losses). ``record`` (a dict): the plain loop
+    starts from the engine's weights, and the kiln side's per-step metrics (its Throughput callback's tokens/s,
+    TFLOP/s, MFU) and each side's peak GPU memory during its steps are stored in it."""
     from kiln.pretrain.callbacks.base import Callback
     from kiln.pretrain.engine import TrainEngine
     from kiln.pretrain.train import train
 
-    plain = PlainLoop(recipe, dataset, ctx.device)
     kiln_times: list[float] = []
     kiln_losses: list[float] = []
+    gpu = ctx.device.type == "cuda"
+    peaks = {"kiln": 0.0, "plain": 0.0}
+
+    def peak(side):
+        if gpu:
+            import torch
+
+            peaks[side] = max(peaks[side], torch.cuda.max_memory_allocated() / 2**30)
+            torch.cuda.reset_peak_memory_stats()
 
     class Paired(Callback):
         def on_train_start(self, state):
@@ -250,14 +331,28 @@ def run_paired(
             _sync()
             kiln_times.append(_since(self.last))
             kiln_losses.append(float(metrics["loss"]))
+            if record is not None:
+                keep = ("step_time_s", "tokens_per_s", "tflops_per_device", "mfu", "loss", "grad_norm")
+                record.setdefault("kiln_metrics", []).append({k: float(metrics[k]) for k in keep if k in metrics})
+            peak("kiln")
             if profile is not None:
                 profile.disable()
             plain.step()
+            peak("plain")
             if profile is not None:
                 profile.enable()
             self.last = _clock()
 
+    if record is None:
+        plain = PlainLoop(recipe, dataset, ctx.device)
     engine = TrainEngine(recipe, ctx)
+    if record is not None:
+        plain = PlainLoop(recipe, dataset, ctx.device, source=engine.module)
+        if gpu:
+            import torch
+
+            record["static_memory_gib"] = torch.cuda.memory_allocated() / 2**30
+            torch.cuda.reset_peak_memory_stats()
     if skip_dp1_allreduce:
         # the fix proposed in benchmarks/results/train.md, tried from outside the engine: at DP = 1 there is
         # nothing to all-reduce (ZeRO 0 only: ZeRO 1/2 move the gradients into their partitions in that hook)
@@ -269,6 +364,8 @@ def run_paired(
     train(recipe, [Paired()], dataset=dataset, ctx=ctx, loggers=False, engine=engine)
     if profile is not None:
         profile.disable()
+    if record is not None and gpu:
+        record["peak_memory_gib"] = dict(peaks)
     return kiln_times, plain.times, kiln_losses, plain.losses
 
 
@@ -376,6 +473,146 @@ def gpu_mfu(args) -> dict:
     }
 
 
+def gpu_comparison(args) -> dict:
+    """--gpu: our trainer vs the plain loop, paired, on the ~1B recipe (tiny on CPU with --dry-run)."""
+    import torch
+    from kiln.parallel.topology import destroy_parallel, init_parallel
+    from kiln.pretrain.callbacks.flops import flops_per_token, peak_flops_per_device
+    from kiln.pretrain.model import full_shapes
+    from kiln.pretrain.recipe import load_recipe
+    from kiln.pretrain.train import build_dataset
+
+    if not args.dry_run and not _cuda():
+        raise SystemExit("--gpu needs a CUDA device (torch.cuda.is_available() is False); --dry-run runs it on CPU")
+    warmup, steps = args.gpu_warmup, args.gpu_steps
+    overrides = [
+        *(DRY_OVERRIDES if args.dry_run else []),
+        *args.override,
+        f"train_steps={warmup + steps}",
+        "log_interval=1",
+        f"run_dir={RUN_DIR}",
+        "wandb_mode=disabled",
+        "checkpoint.interval=0",
+        "eval.interval=0",
+        "resume=false",
+    ]
+    recipe = load_recipe(args.gpu_recipe, overrides)
+    dataset = build_dataset(recipe)
+    single_rank_env()
+    ctx = init_parallel(recipe.layout(1), timeout_s=600)
+    record: dict = {}
+    try:
+        kt, pt, kl, pl = run_paired(recipe, dataset, ctx, record=record)
+    finally:
+        destroy_parallel()
+    gpu = ctx.device.type == "cuda"
+    bf16 = recipe.precision == "bf16"
+    tokens = recipe.parallel.global_batch * recipe.seq_length
+    fpt = flops_per_token(recipe.model, recipe.seq_length, causal=True)
+    peak = peak_flops_per_device("bfloat16" if bf16 else "float32") if gpu else None
+
+    def side(times):
+        wall = [w for w, _ in times[warmup:]]
+        med = statistics.median(wall)
+        tps = tokens / med
+        return {
+            "n": len(wall),
+            "median_s": med,
+            "min_s": min(wall),
+            "max_s": max(wall),
+            "tokens_per_s": tps,
+            "tflops_per_device": tps * fpt / 1e12,
+            "mfu": tps * fpt / peak if peak else None,
+        }
+
+    kiln, plain = side(kt), side(pt)
+    timed = record.get("kiln_metrics", [])[warmup:]
+    callback = {
+        k: statistics.median(m[k] for m in timed) for k in ("step_time_s", "tokens_per_s", "tflops_per_device", "mfu")
+        if timed and all(k in m for m in timed)
+    }  # fmt: skip
+    ratios = [p[0] / k[0] for k, p in zip(kt[warmup:], pt[warmup:])]
+    m, par = recipe.model, recipe.parallel
+    out = {
+        "device": torch.cuda.get_device_name() if gpu else "cpu (dry run)",
+        "dry_run": bool(args.dry_run),
+        "recipe": _rel(args.gpu_recipe),
+        "overrides": overrides,
+        "model": {
+            "parameters": sum(math.prod(shape) for shape in full_shapes(m).values()),
+            "hidden_size": m.hidden_size,
+            "num_hidden_layers": m.num_hidden_layers,
+            "vocab_size": m.vocab_size,
+            "fused_kernels": m.fused_kernels,
+            "attention_backend": m.attention_backend,
+        },
+        "precision": recipe.precision,
+        "seq_length": recipe.seq_length,
+        "micro_batch": par.micro_batch,
+        "global_batch": par.global_batch,
+        "zero_stage": par.zero_stage,
+        "tokens_per_step": tokens,
+        "flops_per_token": fpt,
+        "peak_flops": peak,
+        "warmup_steps": warmup,
+        "kiln": kiln,
+        "kiln_throughput_callback": callback,
+        "plain": plain,
+        "ratio": kiln["tokens_per_s"] / plain["tokens_per_s"],
+        "paired_ratio": statistics.median(ratios) if ratios else None,
+        "goal_ratio": 0.95,
+        "goal_mfu": 0.5,
+        "losses": {"kiln": kl, "plain": pl},
+        "max_loss_rel_diff": max(abs(a - b) / abs(b) for a, b in zip(kl, pl)),
+        "static_memory_gib": record.get("static_memory_gib"),
+        "peak_memory_gib": record.get("peak_memory_gib"),
+    }
+    return out
+
+
+def _rel(path: str) -> str:
+    p = Path(path).resolve()
+    return str(p.relative_to(REPO)) if p.is_relative_to(REPO) else str(path)
+
+
+def gpu_text(out: dict) -> str:
+    k, p, cb = out["kiln"], out["plain"], out["kiln_throughput_callback"]
+
+    def pct(x):
+        return f"{100 * x:.1f}%" if x is not None else "n/a"
+
+    lines = [
+        f"### {out['device']}: kiln trainer vs plain PyTorch loop, {out['model']['parameters'] / 1e9:.2f}B Llama, "
+        f"seq {out['seq_length']}, {out['precision']}" + (" (DRY RUN: tiny model on CPU)" if out["dry_run"] else ""),
+        "",
+        f"{out['recipe']} {' '.join(out['overrides'])}; {out['tokens_per_step']} tokens/step, "
+        f"{out['flops_per_token'] / 1e9:.3f} GFLOP/token, peak {out['peak_flops'] / 1e12 if out['peak_flops'] else 0:.0f} "
+        f"TFLOP/s; median of {k['n']} paired steps after {out['warmup_steps']} warm-up steps.",
+        "",
+        "| loop | median step s | tokens/s | TFLOP/s | MFU | peak GiB |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    peaks = out.get("peak_memory_gib") or {}
+    for name, s in (("plain", p), ("kiln", k)):
+        lines.append(
+            f"| {name} | {s['median_s']:.4f} | {s['tokens_per_s']:,.0f} | {s['tflops_per_device']:.1f} | "
+            f"{pct(s['mfu'])} | {peaks.get(name, 0):.1f} |"
+        )
+    if cb:
+        lines.append(
+            f"| kiln, its Throughput callback (engine step only) | {cb.get('step_time_s', 0):.4f} | "
+            f"{cb.get('tokens_per_s', 0):,.0f} | {cb.get('tflops_per_device', 0):.1f} | {pct(cb.get('mfu'))} | |"
+        )
+    lines += [
+        "",
+        f"kiln / plain tokens/s: **{out['ratio']:.3f}x** (goal >= 0.95x; paired median {out['paired_ratio']:.3f}x); "
+        f"largest relative difference of the per-step losses {out['max_loss_rel_diff']:.1e}; "
+        f"static memory (both models) {out['static_memory_gib'] or 0:.1f} GiB.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
 def report(cmd: str, cpu: dict, gpu: dict | None, gpu_reason: str) -> str:
     import deepspeed
     import torch
@@ -465,12 +702,35 @@ def main(argv=None) -> int:
         help="with --zero-stage 0: turn off DeepSpeed's gradient all-reduce, which has nothing to do at DP = 1",
     )
     p.add_argument("--profile", action="store_true", help="cProfile the kiln side, print the top functions")
-    p.add_argument("--gpu-steps", type=int, default=10)
+    p.add_argument("--gpu-steps", type=int, default=10, help="timed steps (the MFU run, and --gpu per side)")
     p.add_argument("--gpu-micro-batch", type=int, default=1)
     p.add_argument("--gpu-global-batch", type=int, default=8)
     p.add_argument("--gpu-activation-checkpointing", action="store_true")
     p.add_argument("--no-record", action="store_true", help="do not append to benchmarks/results/train.md")
+    g = p.add_argument_group("--gpu: the ~1B recipe on one GPU, kiln vs the plain loop (bf16)")
+    g.add_argument("--gpu", action="store_true", help="run only the GPU comparison (see the module docstring)")
+    g.add_argument("--gpu-recipe", default=GPU_RECIPE, help="recipe of the GPU comparison")
+    g.add_argument("--gpu-warmup", type=int, default=3, help="untimed steps first (Triton compiles in the first)")
+    g.add_argument("--override", action="append", default=[], metavar="KEY=VALUE", help="recipe override (repeat)")
+    g.add_argument("--json-out", help="write the GPU comparison as JSON to this file")
+    g.add_argument("--dry-run", action="store_true", help="with --gpu: the same code path on CPU with a tiny model")
     args = p.parse_args(argv)
+
+    if args.gpu:
+        if args.dry_run:
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        out = gpu_comparison(args)
+        text = gpu_text(out)
+        print(text, flush=True)
+        if args.json_out:
+            Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json_out).write_text(json.dumps(out, indent=2) + "\n")
+            print(f"wrote {args.json_out}")
+        if not args.no_record and not args.dry_run:
+            with open(RESULTS, "a") as f:
+                f.write(f"## {datetime.datetime.now():%Y-%m-%d %H:%M} — `python -m benchmarks.train "
+                        f"{' '.join(sys.argv[1:])}`\n\n{text}\n")  # fmt: skip
+        return 0
 
     cpu = cpu_comparison(args)
     gpu, reason = None, "no CUDA device on this machine (torch.cuda.is_available() is False)"

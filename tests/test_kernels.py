@@ -1,7 +1,11 @@
 """kernels/: every entry point, forward and backward, against a plain-PyTorch reference (fp32, small shapes).
 
 The Triton kernels run on CPU through the Triton interpreter (``TRITON_INTERPRET=1``, set below before anything
-can import triton). Tolerances (fp32, absolute / relative, ``torch.testing.assert_close``):
+can import triton). ``KILN_KERNEL_TEST_DEVICE=cuda`` runs the same tests, with the same assertions, on the GPU
+instead: compiled Triton (no interpreter), every tensor the tests create allocated on CUDA, fp32 and bf16, forward
+and backward (``benchmarks/gpu_suite.sh`` does this); the three tests of the CPU dispatch (auto picks the torch
+path, triton falls back without the interpreter) are skipped there. Tolerances (fp32, absolute / relative,
+``torch.testing.assert_close``):
 
 | kernel                         | forward          | backward         | why not exact                                  |
 |--------------------------------|------------------|------------------|------------------------------------------------|
@@ -19,8 +23,16 @@ from __future__ import annotations
 
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"
+# "cpu" (default): the interpreter; "cuda": compiled Triton on the GPU (benchmarks/gpu_suite.sh).
+DEVICE = os.environ.get("KILN_KERNEL_TEST_DEVICE", "cpu")
+if DEVICE == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"
+elif DEVICE == "cuda":
+    os.environ.pop("TRITON_INTERPRET", None)
+else:
+    raise RuntimeError(f"KILN_KERNEL_TEST_DEVICE must be cpu or cuda, got {DEVICE!r}")
 
+import contextlib  # noqa: E402
 import inspect  # noqa: E402
 import logging  # noqa: E402
 import math  # noqa: E402
@@ -42,6 +54,11 @@ from kiln.kernels.reference import (  # noqa: E402
 
 from kiln import kernels  # noqa: E402
 
+if DEVICE == "cuda" and not torch.cuda.is_available():
+    raise RuntimeError("KILN_KERNEL_TEST_DEVICE=cuda but torch.cuda.is_available() is False")
+# the tests of the CPU dispatch (auto -> torch path, triton -> fallback without the interpreter)
+cpu_dispatch = pytest.mark.skipif(DEVICE != "cpu", reason="checks the CPU dispatch; KILN_KERNEL_TEST_DEVICE=cuda")
+
 ATTN_FWD = dict(atol=2e-5, rtol=1e-4)
 ATTN_BWD = dict(atol=5e-5, rtol=1e-4)
 NORM_FWD = dict(atol=1e-5, rtol=1e-5)
@@ -55,6 +72,9 @@ CE_BWD = dict(atol=1e-6, rtol=1e-5)
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+    # on the GPU, every tensor a test creates (randn, tensor, arange, ...) is allocated on CUDA
+    with torch.device(DEVICE) if DEVICE != "cpu" else contextlib.nullcontext():
+        yield
 
 
 def _grads(outs, inputs, grad_outs):
@@ -90,9 +110,9 @@ def test_public_signatures_match_contract():
 
 B, S, H, HKV, D = 2, 40, 4, 2, 16
 # three packed documents in row 0 (lengths 7, 20, 13), two in row 1
-SEGMENTS = torch.tensor([[0] * 7 + [1] * 20 + [2] * 13, [3] * 17 + [4] * 23])
+SEGMENTS = torch.tensor([[0] * 7 + [1] * 20 + [2] * 13, [3] * 17 + [4] * 23]).to(DEVICE)
 # the same boundaries over the flattened batch, plus a document crossing the row boundary (flash varlen style)
-CU_SEQLENS = torch.tensor([0, 5, 30, 47, 80], dtype=torch.int32)
+CU_SEQLENS = torch.tensor([0, 5, 30, 47, 80], dtype=torch.int32).to(DEVICE)
 
 
 def _qkv(b=B, s=S, h=H, hkv=HKV, d=D):
@@ -170,6 +190,7 @@ def test_cu_seqlens_segment_conversions():
     assert cu.tolist() == [0, 7, 27, 40, 57, 80] and cu.dtype == torch.int32 and max_len == 23
 
 
+@cpu_dispatch
 def test_attention_auto_on_cpu_picks_sdpa_and_equals_triton(caplog):
     q, k, v = (t.detach() for t in _qkv())
     _dispatch._LOGGED.clear()
@@ -184,6 +205,7 @@ def test_attention_auto_on_cpu_picks_sdpa_and_equals_triton(caplog):
     assert sum("attention runs the triton path" in m for m in lines) == 1, lines
 
 
+@cpu_dispatch
 def test_attention_fallbacks(caplog, monkeypatch):
     q, k, v = (t.detach() for t in _qkv())
     ref = attention_ref(q, k, v, segment_ids=SEGMENTS)
@@ -382,6 +404,7 @@ def test_cross_entropy_saves_no_fp32_logits(backend):
     torch.testing.assert_close(grad.float(), ref_grad, atol=1e-4, rtol=1e-2)
 
 
+@cpu_dispatch
 def test_pointwise_auto_on_cpu_uses_torch_and_triton_request_falls_back(caplog, monkeypatch):
     x, w = torch.randn(4, 32), torch.rand(32)
     _dispatch._LOGGED.clear()

@@ -2,9 +2,11 @@
 
 Every step counts what it does with `stat_update` (datatrove's mechanism, so the numbers are the ones
 datatrove users already know): readers count `documents` and `rejected_<reason>`, filters and dedup count
-`dropped_<reason>`. The report checks that the books balance:
+`dropped_<reason>`. A step that replaces one document by several (decontamination's `split` policy) counts
+`documents_split` (documents replaced) and `pieces_created` (documents made). The report checks that the books
+balance:
 
-    input records = kept + sum(dropped by step and reason) + rejected
+    input records + pieces_created - documents_split = kept + sum(dropped by step and reason) + rejected
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from kiln.data_pipeline.decontaminate.summary import load_summary
 
 INPUT_STAGE = "read_filter"
 # Stages whose last step writes output/ (the kept documents); tokenize stages come after and count nothing new.
@@ -37,6 +41,9 @@ class Report:
     dropped: dict[str, dict[str, int]] = field(default_factory=dict)  # step -> reason -> count
     steps: list[StepCounts] = field(default_factory=list)
     incomplete_stages: list[str] = field(default_factory=list)
+    documents_split: int = 0  # documents replaced by pieces (decontamination, policy split)
+    pieces_created: int = 0  # the pieces: documents that enter the books after the input
+    decontamination: dict | None = None  # per eval set overlap counts (decontaminate.summary), if the run has it
 
     @property
     def total_rejected(self) -> int:
@@ -48,7 +55,8 @@ class Report:
 
     @property
     def balanced(self) -> bool:
-        return self.input_records == self.kept + self.total_dropped + self.total_rejected
+        produced = self.input_records + self.pieces_created - self.documents_split
+        return produced == self.kept + self.total_dropped + self.total_rejected
 
     def to_dict(self) -> dict:
         return {
@@ -60,6 +68,8 @@ class Report:
             "dropped": self.dropped,
             "total_dropped": self.total_dropped,
             "total_rejected": self.total_rejected,
+            "documents_split": self.documents_split,
+            "pieces_created": self.pieces_created,
             "balanced": self.balanced,
             "incomplete_stages": self.incomplete_stages,
         }
@@ -112,13 +122,15 @@ def build_report(run_dir: str | Path) -> Report:
             incomplete.append(f"{stage_dir.name} ({n_files}/{expected} tasks)")
         steps += stage_steps
 
-    documents_read = 0
+    documents_read = documents_split = pieces_created = 0
     rejected: dict[str, int] = defaultdict(int)
     dropped: dict[str, dict[str, int]] = {}
     for step in steps:
         if step.stage not in CURATION_STAGES and not step.stage.startswith("dedup_"):
             continue  # e.g. tokenize: reads the kept output again, drops nothing
         c = step.counts
+        documents_split += int(c.get("documents_split", 0))
+        pieces_created += int(c.get("pieces_created", 0))
         if step.stage == INPUT_STAGE and "documents" in c:
             # a reader's input is what it yielded plus what it dropped itself (e.g. WARC pages without text)
             documents_read += int(c["documents"]) + int(c.get("dropped", 0))
@@ -144,4 +156,7 @@ def build_report(run_dir: str | Path) -> Report:
         dropped=dropped,
         steps=steps,
         incomplete_stages=incomplete,
+        documents_split=documents_split,
+        pieces_created=pieces_created,
+        decontamination=load_summary(run_dir),
     )

@@ -9,7 +9,11 @@ from pathlib import Path
 from kiln.commands import register_modules
 
 # Subpackages that add their own `kiln data` commands through `register(data_subparsers)`.
-DATA_COMMAND_MODULES = ("kiln.data_pipeline.filters.cli", "kiln.data_pipeline.tokenize.cli")
+DATA_COMMAND_MODULES = (
+    "kiln.data_pipeline.filters.cli",
+    "kiln.data_pipeline.tokenize.cli",
+    "kiln.data_pipeline.sft.cli",
+)
 
 
 def load_recipe(path: str, overrides: list[str], executor: str | None = None, tasks: int | None = None):

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 from kiln.data_pipeline.accounting import Report
+from kiln.data_pipeline.decontaminate.summary import summary_lines, write_summary
 
 
 def build_table(report: Report):
@@ -25,6 +26,9 @@ def build_table(report: Report):
         return f"{100 * n / report.input_records:.1f}%" if report.input_records else "-"
 
     table.add_row("input", "records read", f"{report.input_records:,}", pct(report.input_records), style="bold")
+    if report.documents_split or report.pieces_created:  # decontamination's split policy: 1 document -> N pieces
+        table.add_row("split (decontamination)", "documents split", f"-{report.documents_split:,}", "")
+        table.add_row("split (decontamination)", "pieces created", f"+{report.pieces_created:,}", "")
     for reason, n in sorted(report.rejected.items(), key=lambda kv: -kv[1]):
         table.add_row("rejected (malformed input)", reason, f"{n:,}", pct(n), style="red")
     for step, reasons in report.dropped.items():
@@ -32,10 +36,15 @@ def build_table(report: Report):
             table.add_row(step, reason, f"{n:,}", pct(n))
     table.add_row("kept", "", f"{report.kept:,}", pct(report.kept), style="bold green")
     check = "balanced" if report.balanced else "DOES NOT BALANCE"
+    split = ""
+    if report.documents_split or report.pieces_created:
+        split = f" + pieces {report.pieces_created:,} - split {report.documents_split:,}"
     table.caption = (
-        f"input {report.input_records:,} = kept {report.kept:,} + dropped {report.total_dropped:,}"
+        f"input {report.input_records:,}{split} = kept {report.kept:,} + dropped {report.total_dropped:,}"
         f" + rejected {report.total_rejected:,}: {check}"
     )
+    if report.decontamination:
+        table.caption += "\n" + "\n".join(summary_lines(report.decontamination))
     if report.incomplete_stages:
         table.caption += f"\nincomplete stages (re-run to resume): {', '.join(report.incomplete_stages)}"
     return table
@@ -100,4 +109,7 @@ def write_report(report: Report, out_dir: Path) -> dict[str, Path]:
     (out_dir / "stats.json").write_text(json.dumps(report.to_dict(), indent=2))
     png = write_png(report, out_dir / "stats.png")
     page = write_html(report, table, png, out_dir / "stats.html")
-    return {"table": out_dir / "stats.txt", "json": out_dir / "stats.json", "png": png, "html": page}
+    files = {"table": out_dir / "stats.txt", "json": out_dir / "stats.json", "png": png, "html": page}
+    if report.decontamination:  # per eval set overlap counts and the contaminated item indices
+        files["decontamination"] = write_summary(report.decontamination, out_dir)
+    return files

@@ -160,7 +160,9 @@ def test_hooks_raise_plain_value_errors():
     """The loader adds the location; a hook that raised ConfigError itself would be double-prefixed."""
     classes = _config_classes(TrainRecipe) | _config_classes(DataRecipe) | {TokenizerTrainConfig}
     hooks = {cls.__qualname__: cls.__dict__["validate"] for cls in classes if "validate" in cls.__dict__}
-    assert len(hooks) == 29  # every `def validate(self)` in the repo (validate_tp takes the TP size: not a hook)
+    # the scan reaches every hook of the recipe trees (29 when this test was written; more as configs are added;
+    # validate_tp takes the TP size: not a hook)
+    assert len(hooks) >= 29
     assert [name for name, fn in hooks.items() if "ConfigError" in inspect.getsource(fn)] == []
 
 

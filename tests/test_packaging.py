@@ -236,3 +236,25 @@ def test_lazy_tokenize_package_resolves_every_public_name():
 
     assert sorted(tokenize.__all__) == sorted(tokenize._MODULE_OF)
     assert all(getattr(tokenize, name).__name__ == name for name in tokenize.__all__)
+
+
+def test_help_and_recipes_work_with_only_the_core_installed(tmp_path):
+    """Every extra's modules unimportable (as on `pip install kilnlm` with no extra): the command line still
+    registers every command, and `kiln train` names the extra it needs."""
+    code = (
+        "import importlib.abc, sys\n"
+        "from kiln.extras import EXTRA_OF_MODULE\n"
+        "class NoExtras(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in EXTRA_OF_MODULE:\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, NoExtras())\n"
+        "from kiln.cli import main\n"
+        "assert main(['recipes', 'list']) == 0\n"
+        "assert main(['train', 'tiny']) == 2\n"
+        "main(['--help'])\n"
+    )
+    proc = _run_py(code, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "pretrain/tiny" in proc.stdout and "    train" in proc.stdout
+    assert "`kiln train` needs the 'train' extra" in proc.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import xxhash
 from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
 from datatrove.utils.typeshelper import StatHints
@@ -14,6 +15,17 @@ from kiln.config import validate_tree
 from .config import DedupConfig
 from .hashing import MinHasher, content_hash, url_hash
 from .storage import RankSignatureWriter
+
+
+def url_key(doc: Document, cfg: DedupConfig) -> int:
+    """What URL dedup compares: the normalised URL's hash. Pieces of one document split by decontamination share
+    their parent's URL, so a piece's key also hashes its piece number: piece k of two copies of a page still
+    collide, but the pieces of one page do not remove each other."""
+    key = url_hash(doc.metadata.get("url"), cfg)
+    piece = (doc.metadata.get("decontaminate") or {}).get("piece")
+    if key == 0 or piece is None:
+        return key
+    return xxhash.xxh3_64_intdigest(f"{key}:piece:{piece}".encode()) or 1
 
 
 class DedupSignatures(PipelineStep):
@@ -43,9 +55,7 @@ class DedupSignatures(PipelineStep):
         if cfg.exact:
             columns["exact"] = np.fromiter((content_hash(d.text, cfg) for d in docs), dtype=np.uint64, count=len(docs))
         if cfg.url:
-            columns["url"] = np.fromiter(
-                (url_hash(d.metadata.get("url"), cfg) for d in docs), dtype=np.uint64, count=len(docs)
-            )
+            columns["url"] = np.fromiter((url_key(d, cfg) for d in docs), dtype=np.uint64, count=len(docs))
         sigs32 = None
         if self.minhasher is not None:
             shingles = [self.minhasher.shingles(d.text) for d in docs]

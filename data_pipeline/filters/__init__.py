@@ -15,7 +15,10 @@ Recipe entries (``filters:`` list, one mapping per filter, tagged by ``kind``)::
         threshold: 0.5
 
 ``build_filter(cfg, exclusion_writer)`` returns the datatrove step; every drop is counted as ``dropped`` and
-``dropped_<reason>``. ``train_quality_classifier`` trains the DCLM-style fastText classifier.
+``dropped_<reason>``. The four heuristic rule sets are our subclasses of datatrove's filters (``heuristics.py``:
+the same decisions, one shared word split per document, ~4.5x faster per core in the web recipe);
+``implementation: datatrove`` selects datatrove's own class. ``train_quality_classifier`` trains the DCLM-style
+fastText classifier.
 
 The datatrove-backed names (``build_filter`` and the filter classes) are imported on first use, so that importing
 the configs (recipe loading, the CLI) does not import datatrove.

@@ -1,5 +1,8 @@
-"""Config -> datatrove step. The heuristic rule sets are datatrove's stock filters, configured from our
-dataclasses; only language ID and the model-based classifier are our own classes (see their modules for why).
+"""Config -> datatrove step. The heuristic rule sets (Gopher quality and repetition, C4, FineWeb) are datatrove's
+rules: by default our subclasses in ``heuristics.py``, which decide exactly as datatrove's stock classes but split each
+document into words once for all four instead of once per filter through a slow spaCy call path (see that module for
+why we do not use datatrove's classes as they are); ``implementation: datatrove`` builds the stock class. Language ID
+and the model-based classifier are our own classes (see their modules for why).
 
 Offline by construction: the stock filters split words and sentences with datatrove's per-language tokenizer,
 which for English/French/German/... is spaCy's rule-based ``spacy.blank(lang)`` (no trained pipeline, no nltk
@@ -18,6 +21,7 @@ from datatrove.pipeline.filters import (
 from datatrove.pipeline.filters.base_filter import BaseFilter
 from datatrove.pipeline.writers.disk_base import DiskWriter
 from datatrove.utils.text import TERMINAL_PUNCTUATION
+from kiln.data_pipeline.decontaminate.config import DecontaminateConfig
 from kiln.data_pipeline.filters.classifier import QualityClassifierFilter
 from kiln.data_pipeline.filters.config import (
     C4QualityConfig,
@@ -28,7 +32,21 @@ from kiln.data_pipeline.filters.config import (
     LanguageConfig,
     QualityClassifierConfig,
 )
+from kiln.data_pipeline.filters.heuristics import (
+    KilnC4QualityFilter,
+    KilnFineWebQualityFilter,
+    KilnGopherQualityFilter,
+    KilnGopherRepetitionFilter,
+)
 from kiln.data_pipeline.filters.language import OfflineLanguageFilter
+
+# implementation -> class, per heuristic config; both take the same arguments
+_CLASSES = {
+    GopherQualityConfig: {"kiln": KilnGopherQualityFilter, "datatrove": GopherQualityFilter},
+    GopherRepetitionConfig: {"kiln": KilnGopherRepetitionFilter, "datatrove": GopherRepetitionFilter},
+    C4QualityConfig: {"kiln": KilnC4QualityFilter, "datatrove": C4QualityFilter},
+    FineWebQualityConfig: {"kiln": KilnFineWebQualityFilter, "datatrove": FineWebQualityFilter},
+}
 
 
 def _disabled_as_minus_one(value: int | None) -> int:
@@ -39,7 +57,7 @@ def build_filter(cfg: FilterConfig, exclusion_writer: DiskWriter | None = None) 
     """The datatrove filter step for one recipe entry. Dropped documents go to ``exclusion_writer`` (if given)
     with ``metadata["filter_reason"]``; each drop is counted as ``dropped`` and ``dropped_<reason>``."""
     if isinstance(cfg, GopherQualityConfig):
-        return GopherQualityFilter(
+        return _CLASSES[GopherQualityConfig][cfg.implementation](
             min_doc_words=cfg.min_doc_words,
             max_doc_words=cfg.max_doc_words,
             min_avg_word_length=cfg.min_avg_word_length,
@@ -54,7 +72,7 @@ def build_filter(cfg: FilterConfig, exclusion_writer: DiskWriter | None = None) 
             language=cfg.language,
         )
     if isinstance(cfg, GopherRepetitionConfig):
-        return GopherRepetitionFilter(
+        return _CLASSES[GopherRepetitionConfig][cfg.implementation](
             dup_line_frac=cfg.dup_line_frac,
             dup_para_frac=cfg.dup_para_frac,
             dup_line_char_frac=cfg.dup_line_char_frac,
@@ -66,7 +84,7 @@ def build_filter(cfg: FilterConfig, exclusion_writer: DiskWriter | None = None) 
         )
     if isinstance(cfg, C4QualityConfig):
         # Modifies doc.text of kept documents (removes lines); see C4QualityConfig.
-        return C4QualityFilter(
+        return _CLASSES[C4QualityConfig][cfg.implementation](
             exclusion_writer=exclusion_writer,
             split_paragraph=cfg.split_paragraph,
             remove_citations=cfg.remove_citations,
@@ -81,7 +99,7 @@ def build_filter(cfg: FilterConfig, exclusion_writer: DiskWriter | None = None) 
             language=cfg.language,
         )
     if isinstance(cfg, FineWebQualityConfig):
-        return FineWebQualityFilter(
+        return _CLASSES[FineWebQualityConfig][cfg.implementation](
             exclusion_writer=exclusion_writer,
             line_punct_thr=cfg.line_punct_thr,
             line_punct_exclude_zero=cfg.line_punct_exclude_zero,
@@ -100,6 +118,10 @@ def build_filter(cfg: FilterConfig, exclusion_writer: DiskWriter | None = None) 
             label_only=cfg.label_only,
             exclusion_writer=exclusion_writer,
         )
+    if isinstance(cfg, DecontaminateConfig):  # a PipelineStep, not a BaseFilter: `split` yields several pieces
+        from kiln.data_pipeline.decontaminate.step import build_decontaminate
+
+        return build_decontaminate(cfg, exclusion_writer=exclusion_writer)
     if isinstance(cfg, QualityClassifierConfig):
         return QualityClassifierFilter(
             model=cfg.model,

@@ -18,8 +18,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import orjson
-
 _TOKEN = re.compile(r"\w+|[^\w\s]")
 _JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson", ".ndjson.gz", ".json.gz")
 
@@ -97,6 +95,8 @@ def _expand(paths: list[str], role: str) -> list[Path]:
 def read_examples(path: str | os.PathLike, text_key: str = "text") -> Iterator[str]:
     """Texts of one file: JSONL (``.jsonl``, ``.ndjson``, ``.json.gz``, optionally gzipped), one record per line,
     text under ``text_key``; anything else is plain text, one example per non-empty line."""
+    import orjson  # here, not at import: `kiln --help` registers this package's commands without the data extra
+
     path = Path(path)
     is_jsonl = path.name.endswith(_JSONL_SUFFIXES)
     with _open_text(path) as f:

@@ -42,6 +42,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from benchmarks.record import append_result
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "filters.md"
 SHARED = Path(os.environ.get("KILN_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -272,13 +274,9 @@ def main() -> int:
     text = "\n".join(lines)
     print(text)
     if not args.no_record:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        new = not RESULTS.exists()
-        with open(RESULTS, "a") as f:
-            if new:
-                f.write("# Quality filters benchmark: Kiln vs datatrove stock filters\n\n")
-                f.write("Recorded by `benchmarks/filters.py` (see its docstring for what each side runs).\n\n")
-            f.write(text + "\n")
+        append_result(
+            RESULTS, "Quality filters benchmark: Kiln vs datatrove stock filters", "benchmarks/filters.py", text
+        )
     return 0
 
 

@@ -36,6 +36,7 @@ from kiln.data_pipeline.filters.heuristics import (
     KilnGopherRepetitionFilter,
 )
 from kiln.data_pipeline.filters.text_analysis import splitter
+from test_filters import GOOD, LONG, PARAS  # the same hand-written documents as the stock-filter tests
 
 from kiln.config import ConfigError, build_dataclass
 
@@ -43,22 +44,6 @@ RECIPE_ORDER = [GopherRepetitionConfig(), GopherQualityConfig(), C4QualityConfig
 
 # ---------------------------------------------------------------- synthetic documents
 
-GOOD = (
-    "The history of the river valley is long and varied. Farmers have worked the land for many centuries, "
-    "and the old stone bridges still carry travellers across the water. In spring the fields turn green, "
-    "while in autumn the harvest brings the whole village together to share food and stories. "
-    "Historians say that the first settlers arrived with cattle and simple tools. "
-)
-PARAS = [
-    "Farmers have worked the land for many centuries.",
-    "The old stone bridges still carry travellers across the water.",
-    "In spring the fields turn green and the lambs are born.",
-    "Historians say that the first settlers arrived with cattle.",
-]
-LONG = (
-    "The river has shaped the valley for thousands of years, carving deep channels through soft limestone and "
-    "leaving rich soil on its banks for the farms that followed."
-)
 C4_PAGE = "\n".join(
     [
         "Home | About | Contact",

@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING
 
 from kiln.data_pipeline.decontaminate.config import DecontaminateConfig, EvalSetConfig
 
+from kiln.lazy import lazy_getattr
+
 if TYPE_CHECKING:
     from kiln.data_pipeline.decontaminate.index import EvalIndex, normalized_words, word_spans
     from kiln.data_pipeline.decontaminate.step import DecontaminateStep, build_decontaminate
@@ -39,12 +41,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)
 
 
 __all__ = [

@@ -40,6 +40,8 @@ from kiln.data_pipeline.filters.config import (
 )
 from kiln.data_pipeline.filters.training import normalize_text, read_examples, train_quality_classifier
 
+from kiln.lazy import lazy_getattr
+
 if TYPE_CHECKING:
     from kiln.data_pipeline.filters.build import build_filter
     from kiln.data_pipeline.filters.classifier import QualityClassifierFilter
@@ -52,12 +54,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)
 
 
 __all__ = [

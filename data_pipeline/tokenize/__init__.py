@@ -15,8 +15,9 @@ registering it (every `kiln --help`) must not import datatrove, sentencepiece or
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from kiln.lazy import lazy_getattr
 
 _MODULE_OF = {
     **dict.fromkeys(
@@ -78,10 +79,7 @@ if TYPE_CHECKING:
     from kiln.data_pipeline.tokenize.train import EmptyCorpusError, TokenizerTrainConfig, train_tokenizer
 
 
-def __getattr__(name: str):
-    if name in _MODULE_OF:
-        return getattr(importlib.import_module(f"{__name__}.{_MODULE_OF[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, {name: f"{__name__}.{module}" for name, module in _MODULE_OF.items()})
 
 
 __all__ = [

@@ -35,6 +35,14 @@ class _ConsoleFormatter(logging.Formatter):
         return text
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of the record (a test harness swaps it per test)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
 def _rank() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
@@ -43,11 +51,10 @@ def setup_logging(verbose: bool = False) -> logging.Logger:
     """Configure the ``kiln`` logger for a command line run (idempotent: replaces an earlier console handler)."""
     logger = logging.getLogger(ROOT)
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
-    logger.propagate = False  # our lines are ours: a host application's root handlers do not print them twice
     for h in [h for h in logger.handlers if getattr(h, "_kiln_console", False)]:
         logger.removeHandler(h)
     rank, world = _rank()
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler(sys.stderr)
     handler._kiln_console = True  # type: ignore[attr-defined]
     handler.setLevel(logging.DEBUG if verbose else (logging.INFO if rank == 0 else logging.WARNING))
     handler.setFormatter(_ConsoleFormatter(f"[rank {rank}] " if world > 1 and (verbose or rank != 0) else ""))
@@ -85,12 +92,3 @@ def log_to_file(path: str | os.PathLike) -> Path:
     logger.addHandler(handler)
     logging.getLogger(WARNINGS).addHandler(handler)
     return path
-
-
-def remove_file_log(path: str | os.PathLike) -> None:
-    path = Path(path).resolve()
-    logger = logging.getLogger(ROOT)
-    for h in [h for h in logger.handlers if isinstance(h, logging.FileHandler) and Path(h.baseFilename) == path]:
-        logger.removeHandler(h)
-        logging.getLogger(WARNINGS).removeHandler(h)
-        h.close()

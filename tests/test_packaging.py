@@ -258,3 +258,17 @@ def test_help_and_recipes_work_with_only_the_core_installed(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "pretrain/tiny" in proc.stdout and "    train" in proc.stdout
     assert "`kiln train` needs the 'train' extra" in proc.stderr
+
+
+def test_kiln_log_records_still_reach_the_root_after_a_command(caplog, capsys):
+    """The entry point's logging setup leaves library use alone: records still propagate (caplog, a host
+    application's handlers) and the console handler writes to the current stderr."""
+    import logging
+
+    from kiln.cli import main
+
+    assert main(["recipes", "list"]) == 0
+    with caplog.at_level(logging.WARNING, logger="kiln.pretrain.checkpoint"):
+        logging.getLogger("kiln.pretrain.checkpoint").warning("half-written checkpoint skipped")
+    assert "half-written checkpoint skipped" in caplog.text
+    assert "kiln: warning: half-written checkpoint skipped" in capsys.readouterr().err

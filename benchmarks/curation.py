@@ -6,9 +6,10 @@ its fastText model at run time and there is no network here), then exact dedup a
 5-grams, 14 buckets x 8 hashes). URL dedup is off on our side: datatrove 0.10.1 ships no URL dedup step.
 
 - Kiln: `kiln.data_pipeline.runner` with the recipe below (one read, signatures computed in the filtering pass).
-- datatrove: the FineWeb-example layout: filter -> write; read -> MinhashDedupSignature; MinhashDedupBuckets;
-  MinhashDedupCluster; read -> MinhashDedupFilter -> write; read -> ExactDedupSignature; ExactFindDedups;
-  read -> ExactDedupFilter -> write.
+- datatrove: its stock filter classes (`implementation: datatrove`: our heuristic filters are the recipe default
+  and must not run on this side), then the FineWeb-example layout: filter -> write; read -> MinhashDedupSignature;
+  MinhashDedupBuckets; MinhashDedupCluster; read -> MinhashDedupFilter -> write; read -> ExactDedupSignature;
+  ExactFindDedups; read -> ExactDedupFilter -> write.
 
 Each side runs in its own subprocess with the same tasks/workers; we report wall time, docs/s (input
 documents / wall seconds) and the peak summed RSS of its process tree (sampled every 20 ms). The MinHash
@@ -25,6 +26,7 @@ Results are appended to benchmarks/results/curation.md with the command, machine
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -83,6 +85,14 @@ def normalised_text(doc) -> str:
     return " ".join(doc.text.lower().split())
 
 
+def stock(cfg):
+    """The same filter config with datatrove's stock class: the heuristic filters default to our faster subclasses
+    (``implementation: kiln``), which would otherwise put our filters on the datatrove side too."""
+    if hasattr(cfg, "implementation"):
+        return dataclasses.replace(cfg, implementation="datatrove")
+    return cfg
+
+
 def run_datatrove(inp: Path, work: Path, tasks: int, workers: int) -> int:
     from datatrove.executor import LocalPipelineExecutor as Local
     from datatrove.pipeline.dedup import (
@@ -101,7 +111,7 @@ def run_datatrove(inp: Path, work: Path, tasks: int, workers: int) -> int:
     from kiln.data_pipeline.filters import build_filter
     from kiln.data_pipeline.runner import iter_output
 
-    filters = [build_filter(cfg) for cfg in build_recipe(inp, work, tasks, workers).filters]
+    filters = [build_filter(stock(cfg)) for cfg in build_recipe(inp, work, tasks, workers).filters]
     d = work / "datatrove"
     mh = MinhashConfig(
         n_grams=MINHASH["ngram"], num_buckets=MINHASH["buckets"], hashes_per_bucket=MINHASH["hashes_per_bucket"]

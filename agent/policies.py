@@ -97,6 +97,7 @@ class ModelPolicy(Policy):
         seed: int = 0,
     ):
         import torch
+
         from kiln.pretrain.hf_io import load_model
 
         self.torch = torch

@@ -53,9 +53,8 @@ MINHASH = {"ngram": 5, "buckets": 14, "hashes_per_bucket": 8}
 
 def build_recipe(inp: Path, work: Path, tasks: int, workers: int):
     """Our recipe for the benchmark; the datatrove side builds its filters from the same configs."""
-    from kiln.data_pipeline.recipe import DataRecipe
-
     from kiln.config import build_dataclass
+    from kiln.data_pipeline.recipe import DataRecipe
 
     return build_dataclass(
         DataRecipe,
@@ -108,6 +107,7 @@ def run_datatrove(inp: Path, work: Path, tasks: int, workers: int) -> int:
     from datatrove.pipeline.dedup.minhash import MinhashConfig
     from datatrove.pipeline.readers import JsonlReader
     from datatrove.pipeline.writers import JsonlWriter
+
     from kiln.data_pipeline.filters import build_filter
     from kiln.data_pipeline.runner import iter_output
 

@@ -154,6 +154,7 @@ def process_start_cost(side: str) -> dict:
 def warm_up(texts: list[str]) -> None:
     """Import spaCy and load datatrove's tokenizer outside the timed passes (both sides use spaCy)."""
     from datatrove.utils.text import split_into_words
+
     from kiln.data_pipeline.filters.text_analysis import splitter
 
     split_into_words(texts[0][:1000])

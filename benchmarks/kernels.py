@@ -99,6 +99,8 @@ if ARGS is not None:
 
 
 import torch.nn.functional as F  # noqa: E402
+
+from kiln import kernels  # noqa: E402
 from kiln.kernels._attention import flash_attn_available  # noqa: E402
 from kiln.kernels.reference import (  # noqa: E402
     apply_rope_ref,
@@ -107,8 +109,6 @@ from kiln.kernels.reference import (  # noqa: E402
     rms_norm_ref,
     swiglu_ref,
 )
-
-from kiln import kernels  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------------------
 # timing

@@ -105,6 +105,7 @@ def compare_minhash(docs: list[Document], workdir: str, tasks: int = 1) -> dict:
     """Time each MinHash stage of datatrove and of ours on ``docs`` split over ``tasks`` ranks (run in turn)."""
     from datatrove.pipeline.dedup.minhash import MinhashConfig as DatatroveMinhashConfig
     from datatrove.pipeline.dedup.minhash import MinhashDedupBuckets, MinhashDedupCluster, MinhashDedupSignature
+
     from kiln.data_pipeline.dedup import DedupConfig, DedupSignatures, MinhashConfig, find_duplicate_stages
 
     work = Path(workdir)
@@ -191,6 +192,7 @@ def compare_buckets_synthetic(n_docs: int, workdir: str, tasks: int = 1, dup_fra
     """
     from datatrove.pipeline.dedup.minhash import MinhashConfig as DatatroveMinhashConfig
     from datatrove.pipeline.dedup.minhash import MinhashDedupBuckets, MinhashDedupCluster
+
     from kiln.data_pipeline.dedup import DedupConfig, MinhashConfig, MinHasher, find_duplicate_stages
     from kiln.data_pipeline.dedup.storage import RankSignatureWriter
 

@@ -66,6 +66,7 @@ def main() -> int:
         from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
     from datatrove.data import Document
     from datatrove.pipeline.tokens import DocumentTokenizer, MegatronDocumentTokenizer
+
     from kiln.data_pipeline.metadata import AddMetadata
     from kiln.data_pipeline.tokenize import TokenizerTrainConfig, TokenizeToIndexed, load_tokenizer, train_tokenizer
     from kiln.data_pipeline.tokenize.indexed import token_dtype

@@ -209,6 +209,7 @@ class PlainLoop:
 
     def __init__(self, recipe, dataset, device, source=None):
         import torch
+
         from kiln.parallel.zero import weight_decay_groups
         from kiln.pretrain.model import KilnLlama
         from kiln.pretrain.schedule import LRSchedule
@@ -251,6 +252,7 @@ class PlainLoop:
 
     def step(self) -> None:
         import torch
+
         from kiln.pretrain.engine.batches import local_micro_batches
 
         start = _clock()
@@ -371,6 +373,7 @@ def run_paired(
 
 def cpu_comparison(args) -> dict:
     import torch
+
     from kiln.parallel.topology import destroy_parallel, init_parallel
     from kiln.pretrain.engine.batches import SyntheticTokens
 
@@ -476,6 +479,7 @@ def gpu_mfu(args) -> dict:
 def gpu_comparison(args) -> dict:
     """--gpu: our trainer vs the plain loop, paired, on the ~1B recipe (tiny on CPU with --dry-run)."""
     import torch
+
     from kiln.parallel.topology import destroy_parallel, init_parallel
     from kiln.pretrain.callbacks.flops import flops_per_token, peak_flops_per_device
     from kiln.pretrain.model import full_shapes

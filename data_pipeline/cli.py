@@ -17,9 +17,8 @@ DATA_COMMAND_MODULES = (
 
 
 def load_recipe(path: str, overrides: list[str], executor: str | None = None, tasks: int | None = None):
-    from kiln.data_pipeline.recipe import DataRecipe
-
     from kiln.config import load_config
+    from kiln.data_pipeline.recipe import DataRecipe
 
     extra = list(overrides)
     if executor:
@@ -50,9 +49,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def show_stats(run_dir: Path) -> int:
+    from rich.console import Console
+
     from kiln.data_pipeline.accounting import build_report
     from kiln.data_pipeline.report import build_table, write_report
-    from rich.console import Console
 
     report = build_report(run_dir)
     Console().print(build_table(report))

@@ -29,12 +29,12 @@ from datatrove.data import DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.readers import JsonlReader
 from datatrove.pipeline.writers import JsonlWriter
+
+from kiln.config import to_dict
 from kiln.data_pipeline.dedup import DedupFilter, DedupSignatures, find_duplicate_stages
 from kiln.data_pipeline.filters import build_filter
 from kiln.data_pipeline.readers import build_input_steps
 from kiln.data_pipeline.recipe import DataRecipe, ExecutorConfig, TokenizeStageConfig, step_name
-
-from kiln.config import to_dict
 from kiln.logs import is_verbose
 
 SHARD_NAME = "${rank}.jsonl.gz"

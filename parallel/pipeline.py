@@ -32,6 +32,7 @@ import re
 
 import torch
 import torch.nn as nn
+
 from kiln.pretrain.config import ModelConfig
 from kiln.pretrain.model import (
     DecoderLayer,

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
 from kiln.pretrain.recipe import Layout
 
 

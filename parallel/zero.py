@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch.nn as nn
+
 from kiln.pretrain.model import tp_split_dim
 from kiln.pretrain.recipe import Layout, TrainRecipe
 

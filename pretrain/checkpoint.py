@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from kiln.pretrain.callbacks.base import TrainState
 
 log = logging.getLogger(__name__)

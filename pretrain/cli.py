@@ -60,6 +60,7 @@ def cmd_export_hf(args: argparse.Namespace) -> int:
 @_user_errors
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
+
     from kiln.pretrain.generate import generate_text
     from kiln.pretrain.hf_io import load_model, load_tokenizer
 

@@ -61,9 +61,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from kiln.pretrain.config import DataConfig, DatasetSpec, MecoConfig  # noqa: F401 (re-exported)
 
 from kiln.config import ConfigError, validate_tree
+from kiln.pretrain.config import DataConfig, DatasetSpec, MecoConfig  # noqa: F401 (re-exported)
 
 PHASES = ("meco", "plain")
 

@@ -9,6 +9,7 @@ the same prompt and seed (logits are gathered over the vocabulary, so all ranks 
 from __future__ import annotations
 
 import torch
+
 from kiln.pretrain.model import KilnLlama
 
 

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from kiln.pretrain.config import ModelConfig, from_hf_config, to_hf_config
-from kiln.pretrain.model import KilnLlama, check_full_shapes, full_shapes, tp_split_dim
 
 from kiln.config import ConfigError, load_config, to_dict
+from kiln.pretrain.config import ModelConfig, from_hf_config, to_hf_config
+from kiln.pretrain.model import KilnLlama, check_full_shapes, full_shapes, tp_split_dim
 
 MODEL_CONFIG_FILE = "model.yaml"
 WEIGHTS_FILE = "model.safetensors"

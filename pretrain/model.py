@@ -35,10 +35,10 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from kiln.pretrain.config import ModelConfig
 
 from kiln import kernels
 from kiln.config import ConfigError
+from kiln.pretrain.config import ModelConfig
 
 # ---------------------------------------------------------------------------------------------------------------
 # 1. Tensor-parallel plumbing

@@ -20,10 +20,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from kiln.config import ConfigError, load_config, to_dict
+
 # DataConfig from kiln.pretrain.config, not kiln.pretrain.data: the latter imports torch.
 from kiln.pretrain.config import DataConfig, ModelConfig
-
-from kiln.config import ConfigError, load_config, to_dict
 
 
 @dataclass

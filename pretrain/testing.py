@@ -116,8 +116,9 @@ def smollm2_reference():
     """(transformers model loaded from the SmolLM2-135M-Instruct GGUF, KilnLlama imported from it, ModelConfig),
     both fp32 in eval mode. Loaded once per process (~15-50 s on 2 cores): test modules share it."""
     import torch
-    from kiln.pretrain.hf_io import import_hf_model, smollm2_gguf_path
     from transformers import AutoModelForCausalLM
+
+    from kiln.pretrain.hf_io import import_hf_model, smollm2_gguf_path
 
     gguf = smollm2_gguf_path()
     hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()

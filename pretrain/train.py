@@ -25,10 +25,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from kiln.config import ConfigError, to_dict
 from kiln.pretrain.callbacks.base import Callback, CallbackList, TrainState
 from kiln.pretrain.recipe import TrainRecipe, load_recipe
-
-from kiln.config import ConfigError, to_dict
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +160,7 @@ def restore_checkpoint(ckpt: Path, engine, state: TrainState, ctx) -> dict:
 def save_train_checkpoint(manager, recipe: TrainRecipe, engine, state: TrainState, ctx) -> Path:
     """Every rank: gather the full model and optimizer state, rank 0 writes them, every rank its RNG state."""
     import torch.distributed as dist
+
     from kiln.pretrain.checkpoint import save_checkpoint
 
     model_state = engine.full_model_state()

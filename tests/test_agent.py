@@ -21,7 +21,6 @@ from kiln.agent.games import KINDS, GameFileError, check_game_file, make_games, 
 from kiln.agent.policies import ExpertPolicy, FixedReplyPolicy, PromptEncoder, RandomPolicy  # noqa: E402
 from kiln.agent.prompt import OK, conversation_prefix, parse_action  # noqa: E402
 from kiln.agent.trajectories import to_record  # noqa: E402
-
 from kiln.cli import main  # noqa: E402
 
 SEEDS = [0, 1, 2]

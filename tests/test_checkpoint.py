@@ -14,6 +14,7 @@ import time
 import numpy as np
 import pytest
 import torch
+
 from kiln.pretrain.callbacks.base import TrainState
 from kiln.pretrain.checkpoint import (
     LATEST,

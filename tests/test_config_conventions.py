@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Union, get_args, get_origin, get_type_hints
 
 import pytest
+
+from kiln.config import ConfigError, load_config, validate_tree
 from kiln.data_pipeline.dedup.config import DedupConfig, MinhashConfig
 from kiln.data_pipeline.recipe import DataRecipe
 from kiln.data_pipeline.tokenize.train import TokenizerTrainConfig
 from kiln.pretrain.recipe import TrainRecipe, load_recipe
-
-from kiln.config import ConfigError, load_config, validate_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "recipes" / "pretrain" / "tiny.yaml"

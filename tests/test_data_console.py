@@ -7,9 +7,11 @@ import logging
 import subprocess
 import sys
 
-from conftest import REPO
-from kiln.data_pipeline.console import StageProgress
 from test_data_run import write_recipe, write_shards
+
+from kiln.data_pipeline.console import StageProgress
+
+from conftest import REPO
 
 
 def _stage_names(run_dir) -> list[str]:
@@ -72,6 +74,7 @@ def test_progress_line_in_place_on_a_terminal_and_final_otherwise():
 
 def test_verbose_keeps_datatrove_executor(tmp_path):
     from datatrove.executor import LocalPipelineExecutor
+
     from kiln.data_pipeline.console import QuietLocalExecutor
     from kiln.data_pipeline.recipe import ExecutorConfig
     from kiln.data_pipeline.runner import Stage, make_executors

@@ -14,13 +14,14 @@ from pathlib import Path
 import orjson
 import pytest
 import yaml
-from conftest import REPO, shared_file
-from kiln.data_pipeline.accounting import build_report
-from kiln.data_pipeline.runner import iter_output
 
 from kiln.cli import main
 from kiln.config import ConfigError
+from kiln.data_pipeline.accounting import build_report
+from kiln.data_pipeline.runner import iter_output
 from kiln.demo_corpus import iter_documents
+
+from conftest import REPO, shared_file
 
 FILTERS = [{"kind": "gopher_repetition"}, {"kind": "fineweb"}]
 

@@ -17,8 +17,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import shared_file
 from datatrove.data import Document
+
+from kiln.cli import main
+from kiln.config import ConfigError, load_config
 from kiln.data_pipeline.accounting import build_report
 from kiln.data_pipeline.decontaminate import DecontaminateConfig, EvalSetConfig
 from kiln.data_pipeline.decontaminate.index import BYTES_PER_NGRAM, EvalIndex, normalized_words, word_spans
@@ -28,8 +30,7 @@ from kiln.data_pipeline.filters import FILTER_CONFIGS, build_filter
 from kiln.data_pipeline.recipe import DataRecipe
 from kiln.data_pipeline.runner import iter_output
 
-from kiln.cli import main
-from kiln.config import ConfigError, load_config
+from conftest import shared_file
 
 N = 13
 MARGIN = MIN_PIECE = 200

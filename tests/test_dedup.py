@@ -9,11 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import shared_file
 from datatrove.executor import LocalPipelineExecutor
 from datatrove.pipeline.readers import JsonlReader
 from datatrove.pipeline.writers import JsonlWriter
 from datatrove.utils.text import simplify_text
+
+from kiln.config import ConfigError, build_dataclass
 from kiln.data_pipeline.dedup import (
     DedupConfig,
     DedupFilter,
@@ -24,7 +25,7 @@ from kiln.data_pipeline.dedup import (
     union_find,
 )
 
-from kiln.config import ConfigError, build_dataclass
+from conftest import shared_file
 
 TASKS = 2
 

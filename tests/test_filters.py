@@ -14,10 +14,11 @@ import socket
 from dataclasses import dataclass, field
 
 import pytest
-from conftest import shared_file
 from datatrove.data import Document
 from datatrove.executor import LocalPipelineExecutor
 from datatrove.pipeline.writers import JsonlWriter
+
+from kiln.config import ConfigError, build_dataclass, load_config
 from kiln.data_pipeline.filters import (
     C4QualityConfig,
     FilterConfig,
@@ -34,7 +35,7 @@ from kiln.data_pipeline.filters import (
 from kiln.data_pipeline.filters import cli as filters_cli
 from kiln.data_pipeline.filters.training import fasttext_train_supervised
 
-from kiln.config import ConfigError, build_dataclass, load_config
+from conftest import shared_file
 
 
 @pytest.fixture(autouse=True)

@@ -12,7 +12,6 @@ import sys
 from dataclasses import replace
 
 import pytest
-from conftest import shared_file
 from datatrove.data import Document
 from datatrove.pipeline.filters import (
     C4QualityFilter,
@@ -22,6 +21,8 @@ from datatrove.pipeline.filters import (
 )
 from datatrove.pipeline.writers import JsonlWriter
 from datatrove.utils.text import split_into_sentences, split_into_words
+
+from kiln.config import ConfigError, build_dataclass
 from kiln.data_pipeline.filters import (
     C4QualityConfig,
     FineWebQualityConfig,
@@ -36,9 +37,9 @@ from kiln.data_pipeline.filters.heuristics import (
     KilnGopherRepetitionFilter,
 )
 from kiln.data_pipeline.filters.text_analysis import splitter
-from test_filters import GOOD, LONG, PARAS  # the same hand-written documents as the stock-filter tests
 
-from kiln.config import ConfigError, build_dataclass
+from conftest import shared_file
+from test_filters import GOOD, LONG, PARAS  # the same hand-written documents as the stock-filter tests
 
 RECIPE_ORDER = [GopherRepetitionConfig(), GopherQualityConfig(), C4QualityConfig(), FineWebQualityConfig()]
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kiln.pretrain.generate import generate, generate_text, metadata_prefix, sample_next
-from kiln.pretrain.testing import smollm2_reference, smollm2_tokenizer
 
 from kiln.cli import main
+from kiln.pretrain.generate import generate, generate_text, metadata_prefix, sample_next
+from kiln.pretrain.testing import smollm2_reference, smollm2_tokenizer
 
 PROMPT = "The history of the printing press begins"
 

@@ -26,9 +26,8 @@ def _recipe():
 
 
 def test_1gpu_recipe_is_llama_1b_on_one_gpu():
-    from kiln.pretrain.recipe import load_recipe
-
     from kiln.catalog import list_recipes
+    from kiln.pretrain.recipe import load_recipe
 
     r = _recipe()
     base = load_recipe(str(REPO / "recipes" / "pretrain" / "llama_1b.yaml"))
@@ -78,9 +77,8 @@ def test_flops_per_token_of_the_1b_model_matches_a_hand_count():
 
 
 def test_memory_plan_of_the_1b_recipe_fits_one_h200(capsys):
-    from kiln.pretrain.engine.memory import GIB, estimate
-
     from kiln.cli import main
+    from kiln.pretrain.engine.memory import GIB, estimate
 
     r = _recipe()
     (stage,) = estimate(r, r.layout(1))

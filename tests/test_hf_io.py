@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kiln.pretrain.hf_io import export_hf, import_hf, load_model, save_model, smollm2_gguf_path
-from kiln.pretrain.testing import run_distributed, smollm2_reference
 
 from kiln.config import ConfigError
+from kiln.pretrain.hf_io import export_hf, import_hf, load_model, save_model, smollm2_gguf_path
+from kiln.pretrain.testing import run_distributed, smollm2_reference
 
 TOL = 1e-4
 TP_TOL = 5e-4

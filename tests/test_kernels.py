@@ -40,6 +40,8 @@ import math  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+
+from kiln import kernels  # noqa: E402
 from kiln.kernels import _cross_entropy as ce_mod  # noqa: E402
 from kiln.kernels import _dispatch  # noqa: E402
 from kiln.kernels._attention import _cu_seqlens_from_segments, select_backend  # noqa: E402
@@ -51,8 +53,6 @@ from kiln.kernels.reference import (  # noqa: E402
     segment_ids_from_cu_seqlens,
     swiglu_ref,
 )
-
-from kiln import kernels  # noqa: E402
 
 if DEVICE == "cuda" and not torch.cuda.is_available():
     raise RuntimeError("KILN_KERNEL_TEST_DEVICE=cuda but torch.cuda.is_available() is False")

@@ -6,11 +6,12 @@ import hashlib
 import json
 
 import pytest
-from conftest import shared_file
 from datatrove.data import Document
-from kiln.data_pipeline.metadata import AddMetadata, MetadataConfig, url_host
 
 from kiln.config import ConfigError, build_dataclass
+from kiln.data_pipeline.metadata import AddMetadata, MetadataConfig, url_host
+
+from conftest import shared_file
 
 
 @pytest.mark.parametrize(

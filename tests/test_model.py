@@ -8,12 +8,12 @@ import json
 
 import pytest
 import torch
+
+from kiln.config import ConfigError, load_config, to_dict
 from kiln.pretrain.config import ModelConfig, from_hf_config, to_hf_config
 from kiln.pretrain.hf_io import export_hf, import_hf, import_hf_model
 from kiln.pretrain.model import KilnLlama, positions_from_segments
 from kiln.pretrain.testing import run_distributed, single_process_group
-
-from kiln.config import ConfigError, load_config, to_dict
 
 ROPES = {
     "default": None,

@@ -6,9 +6,9 @@ import json
 import math
 
 import pytest
-from kiln.pretrain.plot import plot_run
 
 from kiln.cli import main
+from kiln.pretrain.plot import plot_run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -15,10 +15,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import zstandard
-from conftest import shared_file
 from datatrove.executor import LocalPipelineExecutor
 from datatrove.pipeline.base import PipelineStep
 from datatrove.utils.logging import logger
+from warcio.archiveiterator import ArchiveIterator
+from warcio.statusandheaders import StatusAndHeaders
+from warcio.warcwriter import WARCWriter
+
+from kiln.config import ConfigError, build_dataclass
 from kiln.data_pipeline.readers import (
     REJECT_REASONS,
     InputConfig,
@@ -28,11 +32,8 @@ from kiln.data_pipeline.readers import (
     WarcReader,
     build_input_steps,
 )
-from warcio.archiveiterator import ArchiveIterator
-from warcio.statusandheaders import StatusAndHeaders
-from warcio.warcwriter import WARCWriter
 
-from kiln.config import ConfigError, build_dataclass
+from conftest import shared_file
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from datatrove.data import Document
+
 from kiln.data_pipeline.refine import EndpointBackendConfig, RefineConfig, RefineStep, RewriteCache, lexical_simplicity
 from kiln.data_pipeline.refine.backends import EndpointError, chat_completions_url, parse_chat_completion
 

@@ -7,10 +7,12 @@ import importlib.util
 
 import pytest
 import torch
-from conftest import shared_file
 from datatrove.data import Document
+
 from kiln.data_pipeline.refine import LocalBackend, LocalBackendConfig, RefineConfig, RefineStep, lexical_simplicity
 from kiln.data_pipeline.refine.rules import chunk_sentences, clean_text
+
+from conftest import shared_file
 
 pytestmark = pytest.mark.slow
 

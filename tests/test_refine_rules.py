@@ -7,6 +7,8 @@ import pickle
 
 import pytest
 from datatrove.data import Document
+
+from kiln.config import ConfigError, build_dataclass
 from kiln.data_pipeline.refine import (
     GENRES,
     EndpointBackendConfig,
@@ -37,8 +39,6 @@ from kiln.data_pipeline.refine.rules import (
     trim_to_last_sentence,
 )
 from kiln.data_pipeline.refine.simplicity import common_words, words
-
-from kiln.config import ConfigError, build_dataclass
 
 
 def test_strip_non_ascii():

@@ -9,6 +9,8 @@ import json
 import numpy as np
 import pytest
 import yaml
+
+from kiln.config import ConfigError
 from kiln.data_pipeline.sft.build import build_sft
 from kiln.data_pipeline.sft.config import load_sft_data_recipe
 from kiln.data_pipeline.sft.dataset import SFTPackedDataset
@@ -16,8 +18,6 @@ from kiln.data_pipeline.sft.indexed import IndexedReader, IndexedWriter
 from kiln.data_pipeline.sft.mixing import Pool, mix
 from kiln.data_pipeline.sft.packing import best_fit_decreasing
 from kiln.data_pipeline.sft.testing import tiny_tokenizer
-
-from kiln.config import ConfigError
 
 
 def _agent(i: int, steps: int = 2) -> dict:

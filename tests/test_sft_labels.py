@@ -9,6 +9,7 @@ import re
 
 import numpy as np
 import pytest
+
 from kiln.data_pipeline.sft.labels import Labeller
 from kiln.data_pipeline.sft.length import fit_to_context
 from kiln.data_pipeline.sft.messages import BadRecord, Conversation, Message, ToolCall

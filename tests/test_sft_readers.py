@@ -6,10 +6,12 @@ import gzip
 import json
 
 import pytest
-from conftest import shared_file
+
 from kiln.data_pipeline.sft import readers
 from kiln.data_pipeline.sft.messages import BadRecord, Conversation, Message, ToolCall, check_structure
 from kiln.data_pipeline.sft.readers import detect_format, normalise, read_file
+
+from conftest import shared_file
 
 
 def _read(fmt, record, field=None):

@@ -7,11 +7,13 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import REPO, SHARED_DATA
+
 from kiln.data_pipeline.sft.build import build_sft
 from kiln.data_pipeline.sft.config import load_sft_data_recipe
 from kiln.data_pipeline.sft.dataset import SFTPackedDataset
 from kiln.data_pipeline.sft.testing import smollm2_tokenizer
+
+from conftest import REPO, SHARED_DATA
 
 RECIPES = {
     name: REPO / "recipes" / "sft" / f"{name}.yaml" for name in ("hybrid_cpu", "agent_only_cpu", "general_only_cpu")

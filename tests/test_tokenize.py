@@ -10,8 +10,9 @@ import warnings
 
 import numpy as np
 import pytest
-from conftest import shared_file
 from datatrove.data import Document
+
+from kiln.config import ConfigError
 from kiln.data_pipeline.cli import register as register_data
 from kiln.data_pipeline.metadata import AddMetadata
 from kiln.data_pipeline.tokenize import (
@@ -33,7 +34,7 @@ from kiln.data_pipeline.tokenize import (
     train_tokenizer,
 )
 
-from kiln.config import ConfigError
+from conftest import shared_file
 
 WORDS = (
     "the kiln fires clay at high heat and the glaze melts into glass while potters wait for the door to cool "
@@ -124,9 +125,10 @@ def test_hf_export_gives_the_same_ids_and_fingerprint(tok_dir):
 
 
 def test_hf_model_dirs_and_tokenizers_without_bos(tok_dir, tmp_path, megatron):
-    from kiln.data_pipeline.tokenize.indexed import token_dtype
     from tokenizers import Tokenizer as HF
     from tokenizers import models, pre_tokenizers
+
+    from kiln.data_pipeline.tokenize.indexed import token_dtype
 
     model_dir = tmp_path / "hf_model"
     model_dir.mkdir()

@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 import pytest
+
 from kiln.pretrain.testing import run_distributed
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,6 +26,7 @@ VAL_BATCHES, VAL_MICRO = 4, 2
 def _train_with_eval(rank: int, world_size: int, overrides: list[str], evaluate: bool, run_dir: str) -> dict:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import torch
+
     from kiln.parallel.topology import destroy_parallel, init_parallel
     from kiln.pretrain.callbacks.base import Callback
     from kiln.pretrain.callbacks.evaluation import EngineEvaluator

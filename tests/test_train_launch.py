@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from kiln.pretrain.testing import run_distributed
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,6 +42,7 @@ def _stuck_peer(rank: int, world_size: int) -> dict:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import torch
     import torch.distributed as dist
+
     from kiln.parallel.topology import destroy_parallel, init_parallel
     from kiln.pretrain.recipe import Layout
 

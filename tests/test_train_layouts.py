@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 
 import pytest
+
 from kiln.pretrain.testing import run_distributed
 
 REPO = Path(__file__).resolve().parents[1]

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 from datatrove.data import Document
+
 from kiln.data_pipeline.metadata import AddMetadata
 from kiln.data_pipeline.tokenize import TokenizerTrainConfig, load_tokenizer, tokenize_documents, train_tokenizer
 from kiln.pretrain.data import cooldown_step, phase_for_step

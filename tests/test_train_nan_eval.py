@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 
 import pytest
+
 from kiln.pretrain.testing import run_distributed
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,6 +42,7 @@ def _train_eval(rank: int, world_size: int, run_dir: str) -> list[dict]:
 def _train_nan(rank: int, world_size: int, overrides: list[str], nan_at: int, run_dir: str) -> dict:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import torch
+
     from kiln.parallel.topology import destroy_parallel, init_parallel
     from kiln.pretrain.callbacks.base import Callback
     from kiln.pretrain.engine import TrainEngine

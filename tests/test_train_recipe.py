@@ -6,10 +6,10 @@ import math
 from pathlib import Path
 
 import pytest
-from kiln.pretrain.recipe import TrainRecipe, load_recipe
-from kiln.pretrain.schedule import LRSchedule
 
 from kiln.config import ConfigError
+from kiln.pretrain.recipe import TrainRecipe, load_recipe
+from kiln.pretrain.schedule import LRSchedule
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "pretrain"
 TINY = RECIPES / "tiny.yaml"
@@ -148,6 +148,7 @@ def test_dry_run_rejects_bad_world_size(capsys):
 
 def test_missing_data_fails_before_any_process_group(tmp_path):
     import torch.distributed as dist
+
     from kiln.pretrain.data import DataError
     from kiln.pretrain.train import train
 

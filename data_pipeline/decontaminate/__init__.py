@@ -23,7 +23,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from kiln.data_pipeline.decontaminate.config import DecontaminateConfig, EvalSetConfig
-
 from kiln.lazy import lazy_getattr
 
 if TYPE_CHECKING:

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import xxhash
+
 from kiln.data_pipeline.decontaminate.sources import detect_format, iter_items
 
 NORMALISATION_VERSION = 1

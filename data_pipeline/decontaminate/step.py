@@ -23,6 +23,8 @@ from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.writers.disk_base import DiskWriter
 from datatrove.utils.typeshelper import StatHints
+
+from kiln.config import ConfigError, validate_tree
 from kiln.data_pipeline.decontaminate.config import DecontaminateConfig, EvalSetConfig
 from kiln.data_pipeline.decontaminate.index import (
     NORMALISATION_VERSION,
@@ -35,8 +37,6 @@ from kiln.data_pipeline.decontaminate.index import (
     word_spans,
 )
 from kiln.data_pipeline.decontaminate.summary import overlap_path, run_work_dir
-
-from kiln.config import ConfigError, validate_tree
 
 
 def contaminated_pieces(

@@ -39,7 +39,6 @@ from kiln.data_pipeline.filters.config import (
     QualityClassifierConfig,
 )
 from kiln.data_pipeline.filters.training import normalize_text, read_examples, train_quality_classifier
-
 from kiln.lazy import lazy_getattr
 
 if TYPE_CHECKING:

@@ -21,6 +21,7 @@ from datatrove.pipeline.filters import (
 from datatrove.pipeline.filters.base_filter import BaseFilter
 from datatrove.pipeline.writers.disk_base import DiskWriter
 from datatrove.utils.text import TERMINAL_PUNCTUATION
+
 from kiln.data_pipeline.decontaminate.config import DecontaminateConfig
 from kiln.data_pipeline.filters.classifier import QualityClassifierFilter
 from kiln.data_pipeline.filters.config import (

@@ -15,6 +15,7 @@ from pathlib import Path
 from datatrove.data import Document
 from datatrove.pipeline.filters.base_filter import BaseFilter
 from datatrove.pipeline.writers.disk_base import DiskWriter
+
 from kiln.data_pipeline.filters.training import normalize_text, positive_scores
 
 

@@ -37,6 +37,7 @@ from datatrove.pipeline.filters.gopher_repetition_filter import (
     get_n_grams,
 )
 from datatrove.utils.text import PUNCTUATION_SET, split_into_sentences
+
 from kiln.data_pipeline.filters.text_analysis import splitter, words_of
 
 _is_all_punctuation = PUNCTUATION_SET.issuperset  # == not any(ch not in PUNCTUATION_SET for ch in w)

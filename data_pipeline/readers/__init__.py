@@ -10,6 +10,7 @@ Usage::
 from __future__ import annotations
 
 from datatrove.pipeline.base import PipelineStep
+
 from kiln.data_pipeline.readers.base import REJECT_REASONS, RobustReader, list_input_files
 from kiln.data_pipeline.readers.config import InputConfig
 from kiln.data_pipeline.readers.jsonl import JsonlReader

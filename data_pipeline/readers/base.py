@@ -27,8 +27,9 @@ from datatrove.io import DataFolder, get_datafolder
 from datatrove.pipeline.readers.base import BaseReader
 from datatrove.utils.logging import logger
 from fsspec.core import url_to_fs
-from kiln.data_pipeline.readers.streams import StreamDamaged
 from tqdm import tqdm
+
+from kiln.data_pipeline.readers.streams import StreamDamaged
 
 REJECT_REASONS = (
     "malformed_json",

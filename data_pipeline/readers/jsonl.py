@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import orjson
 from datatrove.data import Document
+
 from kiln.data_pipeline.readers.base import RecordRejected, RobustReader, describe_type
 from kiln.data_pipeline.readers.streams import decompressed_chunks, iter_lines
 

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import orjson
 import pyarrow.parquet as pq
 from datatrove.data import Document
+
 from kiln.data_pipeline.readers.base import RecordRejected, RobustReader
 
 BATCH_ROWS = 1024

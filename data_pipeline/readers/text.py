@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from datatrove.data import Document
+
 from kiln.data_pipeline.readers.base import RobustReader
 from kiln.data_pipeline.readers.streams import decompressed_chunks, iter_lines
 

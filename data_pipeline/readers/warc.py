@@ -24,6 +24,7 @@ from typing import BinaryIO
 
 from datatrove.data import Document
 from datatrove.pipeline.extractors.base import ExtractorSandbox
+
 from kiln.data_pipeline.readers.base import RobustReader
 from kiln.data_pipeline.readers.streams import StreamDamaged, decompressed_chunks
 

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+
+from kiln.config import to_dict
 from kiln.data_pipeline.sft.config import SFTDataConfig, SFTDataRecipe, SourceConfig
 from kiln.data_pipeline.sft.labels import Labelled, Labeller
 from kiln.data_pipeline.sft.length import fit_to_context
@@ -35,8 +37,6 @@ from kiln.data_pipeline.sft.report import DropLog, Progress, render_masked, summ
 from kiln.data_pipeline.sft.templates import resolve_template
 from kiln.data_pipeline.sft.tokenizer_files import ChatTokenizer, resolve_tokenizer_folder
 from kiln.data_pipeline.sft.writer import write_packed
-
-from kiln.config import to_dict
 
 
 @dataclass

@@ -37,11 +37,10 @@ def register(data_subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_sft(args: argparse.Namespace) -> int:
-    from kiln.data_pipeline.sft.config import load_sft_data_recipe
-    from kiln.data_pipeline.sft.readers import expand_paths
-
     from kiln.catalog import resolve_recipe_path
     from kiln.config import ConfigError
+    from kiln.data_pipeline.sft.config import load_sft_data_recipe
+    from kiln.data_pipeline.sft.readers import expand_paths
 
     try:
         recipe = load_sft_data_recipe(resolve_recipe_path(args.recipe), args.overrides)

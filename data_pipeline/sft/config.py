@@ -13,10 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from kiln.config import ConfigError, apply_overrides, build_dataclass, read_yaml
 from kiln.data_pipeline.sft.readers import expand_paths
 from kiln.data_pipeline.sft.templates import TEMPLATE_CHOICES
-
-from kiln.config import ConfigError, apply_overrides, build_dataclass, read_yaml
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 

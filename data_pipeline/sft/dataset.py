@@ -20,6 +20,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+
 from kiln.data_pipeline.sft.indexed import IndexedReader
 from kiln.data_pipeline.sft.writer import FORMAT, LOSS_MASK_SUFFIX, META_SUFFIX, SOURCES_SUFFIX
 

@@ -30,6 +30,7 @@ import json
 from dataclasses import dataclass
 
 import numpy as np
+
 from kiln.data_pipeline.sft.messages import BadRecord, Conversation
 from kiln.data_pipeline.sft.templates import ChatTemplate, Turn, template_turns
 from kiln.data_pipeline.sft.tokenizer_files import ChatTokenizer

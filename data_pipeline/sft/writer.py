@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+
 from kiln.data_pipeline.sft.indexed import IndexedWriter, optimal_dtype
 
 FORMAT = "kiln-sft-packed-v1"

@@ -134,6 +134,7 @@ def _train_tokenizer_cmd(args) -> int:
 
 def _jsonl_reader(inputs: list[str], text_key: str, out_dir: Path):
     from datatrove.pipeline.readers import JsonlReader
+
     from kiln.data_pipeline.tokenize.train import JSONL_SUFFIXES, expand_inputs
 
     files = [f.resolve() for f in expand_inputs(inputs, JSONL_SUFFIXES)]

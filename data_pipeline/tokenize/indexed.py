@@ -44,6 +44,7 @@ import numpy as np
 from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
 from datatrove.utils.batching import batched
+
 from kiln.data_pipeline.metadata import META_PREFIX_KEY
 from kiln.data_pipeline.tokenize.tokenizer import TokenizeError, Tokenizer, load_tokenizer
 from kiln.data_pipeline.tokenize.train import EmptyCorpusError

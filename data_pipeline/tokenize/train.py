@@ -37,7 +37,6 @@ from kiln.data_pipeline.tokenize.tokenizer import (
     load_tokenizer,
     sentencepiece_to_hf,
 )
-
 from kiln.logs import is_verbose
 
 TEXT_SUFFIXES = (".txt", ".txt.gz")

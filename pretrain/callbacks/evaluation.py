@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+
 from kiln.pretrain.callbacks.base import Callback
 from kiln.pretrain.evaluate import Evaluator, evaluate
 

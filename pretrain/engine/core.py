@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
 from kiln.parallel.pipeline import build_pipeline, model_param_name
 from kiln.parallel.topology import ParallelContext
 from kiln.parallel.zero import (

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
+
 from kiln.parallel.pipeline import model_param_name
 from kiln.pretrain.model import tp_slice, tp_split_dim
 

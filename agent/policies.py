@@ -14,6 +14,7 @@ step format; the caller parses the action out of it (`prompt.parse_action`).
 from __future__ import annotations
 
 import random
+from abc import ABC, abstractmethod
 
 from kiln.agent.prompt import parse_action, render_prompt, step_text
 from kiln.agent.trajectories import expert_thought
@@ -21,15 +22,16 @@ from kiln.agent.trajectories import expert_thought
 BUILTIN = ("expert", "random")
 
 
-class Policy:
+class Policy(ABC):
     name = "policy"
     needs_state = False  # True: act() reads the game state (only the built-in baselines)
 
-    def reset(self, game_seed: int | str) -> None:
+    def reset(self, game_seed: int | str) -> None:  # noqa: B027  (a hook: most policies keep no episode state)
         """Called at the start of every episode."""
 
+    @abstractmethod
     def act(self, messages: list[dict], state) -> str:
-        raise NotImplementedError
+        """The reply to the conversation so far (a model's full text; the caller parses its `Action:`)."""
 
     def describe(self) -> dict:
         return {"name": self.name}

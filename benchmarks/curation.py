@@ -156,8 +156,9 @@ def run_datatrove(inp: Path, work: Path, tasks: int, workers: int) -> int:
     return sum(1 for _ in iter_output(d / "out"))
 
 
-def _measure(args: list[str]) -> dict:
-    """Run one side in a subprocess; wall time and peak RSS summed over its process tree."""
+def measure_side(args: list[str]) -> dict:
+    """Run one side (``python -m benchmarks.curation --side ...``) in a subprocess: wall time, CPU seconds of its
+    process tree (each process's last sample, so exited workers count) and peak RSS summed over the tree."""
     import psutil
 
     start = time.perf_counter()
@@ -169,19 +170,29 @@ def _measure(args: list[str]) -> dict:
     )
     root = psutil.Process(proc.pid)
     peak = 0
+    cpu: dict[tuple[int, float], float] = {}
     while proc.poll() is None:
+        rss = 0
         try:
-            rss = sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
-            peak = max(peak, rss)
+            procs = [root, *root.children(recursive=True)]
         except psutil.Error:
-            pass
+            procs = []
+        for p in procs:
+            try:
+                with p.oneshot():
+                    rss += p.memory_info().rss
+                    t = p.cpu_times()
+                    cpu[(p.pid, p.create_time())] = t.user + t.system
+            except psutil.Error:  # the process ended between listing and sampling
+                pass
+        peak = max(peak, rss)
         time.sleep(0.02)
     wall = time.perf_counter() - start
     out = proc.stdout.read().decode()
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark side failed ({args}): exit {proc.returncode}")
     kept = json.loads(out.strip().splitlines()[-1])["kept"]
-    return {"seconds": wall, "peak_rss_mib": peak / 2**20, "kept": kept}
+    return {"seconds": wall, "cpu_s": sum(cpu.values()), "peak_rss_mib": peak / 2**20, "kept": kept}
 
 
 def write_input(out: Path, docs: list, tasks: int) -> None:
@@ -231,7 +242,7 @@ def main() -> int:
             "--workers",
             str(args.workers),
         ]
-        results = {side: _measure(["--side", side, *common]) for side in ("datatrove", "kiln")}
+        results = {side: measure_side(["--side", side, *common]) for side in ("datatrove", "kiln")}
         minhash = compare_minhash(docs, str(tmp / "minhash"), tasks=1)
 
     for r in results.values():

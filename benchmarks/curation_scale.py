@@ -39,13 +39,15 @@ import os
 import platform
 import random
 import re
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import orjson
+
+from benchmarks.curation import measure_side
+from benchmarks.record import append_result
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -202,54 +204,10 @@ def dedup_quality(pairs: list, filtered: set[str], kept: set[str]) -> dict:
 
 def measure(side: str, inp: Path, work: Path, tasks: int, workers: int) -> dict:
     """Run one side of benchmarks/curation.py in a subprocess: wall, tree CPU seconds, peak summed tree RSS."""
-    import psutil
-
-    start = time.perf_counter()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks.curation",
-            "--side",
-            side,
-            "--input",
-            str(inp),
-            "--work",
-            str(work),
-            "--tasks",
-            str(tasks),
-            "--workers",
-            str(workers),
-        ],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-    )
-    root = psutil.Process(proc.pid)
-    peak = 0
-    cpu: dict[int, float] = {}
-    while proc.poll() is None:
-        rss = 0
-        try:
-            procs = [root, *root.children(recursive=True)]
-        except psutil.Error:
-            procs = []
-        for p in procs:
-            try:
-                with p.oneshot():
-                    rss += p.memory_info().rss
-                    t = p.cpu_times()
-                    cpu[(p.pid, p.create_time())] = t.user + t.system
-            except psutil.Error:
-                pass
-        peak = max(peak, rss)
-        time.sleep(0.02)
-    wall = time.perf_counter() - start
-    out = proc.stdout.read().decode()
-    if proc.returncode != 0:
-        raise RuntimeError(f"{side} side failed: exit {proc.returncode}")
-    kept = json.loads(out.strip().splitlines()[-1])["kept"]
-    return {"seconds": wall, "cpu_s": sum(cpu.values()), "peak_rss_mib": peak / 2**20, "kept_reported": kept}
+    args = ["--side", side, "--input", str(inp), "--work", str(work), "--tasks", str(tasks), "--workers", str(workers)]
+    result = measure_side(args)
+    result["kept_reported"] = result.pop("kept")
+    return result
 
 
 def post_filter_and_kept(side: str, work: Path) -> tuple[set[str], set[str]]:
@@ -414,15 +372,9 @@ def main() -> int:
     text = report(rows, args, command)
     print(text)
     if not args.no_record:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        new = not RESULTS.exists()
-        with open(RESULTS, "a") as f:
-            if new:
-                f.write("# Curation cost curves: Kiln vs datatrove stock steps\n\n")
-                f.write(
-                    "Recorded by `benchmarks/curation_scale.py` (see its docstring for the corpus and the metrics).\n\n"
-                )
-            f.write(text + "\n")
+        append_result(
+            RESULTS, "Curation cost curves: Kiln vs datatrove stock steps", "benchmarks/curation_scale.py", text
+        )
         plot(rows, PLOT)
         print(f"plot: {PLOT}")
     return 0

@@ -6,6 +6,7 @@ import io
 import logging
 import subprocess
 import sys
+import time
 
 from test_data_run import write_recipe, write_shards
 
@@ -59,7 +60,7 @@ def test_progress_line_in_place_on_a_terminal_and_final_otherwise():
     tty = Terminal()
     progress = StageProgress("read_filter", 4, lambda: next(done), stream=tty, interval=0.01).start()
     while tty.getvalue().count("\r") < 2:
-        pass
+        time.sleep(0.005)  # the progress thread redraws every 0.01 s
     progress.finish()
     assert tty.getvalue().startswith("\r  stage read_filter ")
     assert tty.getvalue().endswith(" s  (resumed: 1 skipped)\n") and tty.getvalue().count("\n") == 1

@@ -196,7 +196,7 @@ def test_c4_every_reason_and_it_rewrites_kept_text():
         "dropped_curly_bracket": 1,
         "dropped_too_few_sentences": 1,
     }
-    # C4QualityFilter MODIFIES the kept document: menu, javascript, cookie-policy and unpunctuated lines are
+    # C4QualityFilter MODIFIES the kept document: menu, javascript, cookie-policy and UNPUNCTUATED lines are
     # removed and the citation marker is stripped.
     assert kept[0].text == "\n".join(
         [
@@ -223,23 +223,25 @@ def test_c4_every_reason_and_it_rewrites_kept_text():
     assert drops == {} and kept[0].text == texts[3]
 
 
+UNPUNCTUATED = [
+    "Home page of the village council",
+    "Latest news and upcoming events today",
+    "Contact the office during opening hours",
+    "Photo gallery of the summer festival",
+    "Opening hours of the public library",
+    "Farmers have worked the land for many centuries",
+    "Weather forecast for the coming weekend",
+    "Minutes of the last council meeting",
+    "Map of the walking trails nearby",
+    "Farmers have worked the land for many centuries.",
+]
+
+
 def test_fineweb_every_reason():
-    unpunctuated = [
-        "Home page of the village council",
-        "Latest news and upcoming events today",
-        "Contact the office during opening hours",
-        "Photo gallery of the summer festival",
-        "Opening hours of the public library",
-        "Farmers have worked the land for many centuries",
-        "Weather forecast for the coming weekend",
-        "Minutes of the last council meeting",
-        "Map of the walking trails nearby",
-        "Farmers have worked the land for many centuries.",
-    ]
     texts = [
         GOOD.replace(". ", ".\n"),
         "  \n \n",
-        "\n".join(unpunctuated),  # 1 of 10 lines ends in punctuation (< 0.12)
+        "\n".join(UNPUNCTUATED),  # 1 of 10 lines ends in punctuation (< 0.12)
         "\n".join(["Yes.", "No.", "Maybe so.", "Of course!", PARAS[0]]),
         "\n".join([*PARAS, PARAS[0]]),
         "\n".join(f"Incomprehensibilities{i} internationalization." for i in range(20)),

@@ -39,36 +39,18 @@ from kiln.data_pipeline.filters.heuristics import (
 from kiln.data_pipeline.filters.text_analysis import splitter
 
 from conftest import shared_file
-from test_filters import GOOD, LONG, PARAS  # the same hand-written documents as the stock-filter tests
+from test_filters import (  # the same hand-written documents as the stock-filter tests
+    C4_PAGE,
+    GOOD,
+    LONG,
+    PARAS,
+    UNPUNCTUATED,
+)
 
 RECIPE_ORDER = [GopherRepetitionConfig(), GopherQualityConfig(), C4QualityConfig(), FineWebQualityConfig()]
 
 # ---------------------------------------------------------------- synthetic documents
 
-C4_PAGE = "\n".join(
-    [
-        "Home | About | Contact",
-        "The river has shaped the valley for thousands of years. It carved deep channels through soft limestone.",
-        "Farmers have worked the land for many centuries. The old stone bridges still carry travellers across.",
-        "Please enable JavaScript to view the comments on this page.",
-        "In spring the fields turn green and the lambs are born [1].",
-        "This website uses cookies to improve your experience.",
-        "Historians say that the first settlers arrived with cattle!",
-        "Read more...",
-    ]
-)
-UNPUNCTUATED = [
-    "Home page of the village council",
-    "Latest news and upcoming events today",
-    "Contact the office during opening hours",
-    "Photo gallery of the summer festival",
-    "Opening hours of the public library",
-    "Farmers have worked the land for many centuries",
-    "Weather forecast for the coming weekend",
-    "Minutes of the last council meeting",
-    "Map of the walking trails nearby",
-    "Farmers have worked the land for many centuries.",
-]
 SENTENCES = GOOD.split(". ")
 
 REASON_DOCS = [

@@ -50,7 +50,6 @@ def main(argv: list[str] | None = None) -> int:
     # parse_known_args: `key=value` overrides may also come after options (`run r.yaml --tasks 4 a.b=1`), which
     # argparse alone does not accept for a positional list
     args, extra = parser.parse_known_args(argv)
-    args.verbose = verbose
     if extra:
         if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
             args.overrides = [*args.overrides, *extra]

@@ -147,8 +147,8 @@ def test_sigterm_saves_exits_zero_and_resumes_exactly(tmp_path, reference):
 
 def test_resume_from_a_path_without_checkpoint_is_a_clear_error(tmp_path):
     from kiln.config import ConfigError
+    from kiln.pretrain.checkpointing import resolve_resume
     from kiln.pretrain.recipe import load_recipe
-    from kiln.pretrain.train import resolve_resume
 
     (tmp_path / "step_0000004").mkdir()  # half-written, nothing complete
     recipe = load_recipe(TINY, [f"resume={tmp_path}"])

@@ -259,7 +259,7 @@ class PlainLoop:
         micro, gb = self.recipe.parallel.micro_batch, self.recipe.parallel.global_batch
         for group in self.optimizer.param_groups:
             group["lr"] = self.schedule(self.step_index)
-        batches = local_micro_batches(self.dataset, self.consumed, gb, micro, 0, 1)
+        batches = local_micro_batches(self.dataset, self.consumed, gb, micro_batch=micro)
         params = list(self.model.parameters())
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         for mb in batches:

@@ -48,8 +48,11 @@ def evaluate(
 
 
 class Evaluator(Callback):
-    """Evaluate every ``interval`` steps (and at the last step) and pass the metrics to ``on_eval`` of
-    ``sink`` (normally the loop's CallbackList, so loggers and the metrics file see them).
+    """Evaluate every ``interval`` steps (and at the end) and hand the metrics on: inside a trainer to
+    ``trainer.record_eval`` (every callback's ``on_eval``: console, metrics file, W&B), outside one to ``sink``.
+    Priority 60: after the NaN guard, before the checkpointer and the loggers, so the evaluation at the end
+    reaches the loggers before their ``on_train_end`` closes them. A run that stopped on an error (exit code
+    != 0) is not evaluated at the end.
 
     Args:
         loss_fn: see `evaluate`.
@@ -65,6 +68,7 @@ class Evaluator(Callback):
         loss_fn: Callable[[dict[str, torch.Tensor]], Any],
         batches: Callable[[], Iterable[dict[str, torch.Tensor]]],
         interval: int = 1000,
+        *,
         sink: Callback | None = None,
         group: Any = None,
         at_end: bool = True,
@@ -75,10 +79,14 @@ class Evaluator(Callback):
         self.sink, self.group, self.at_end = sink, group, at_end
         self.history: list[tuple[int, dict[str, float]]] = []
 
+    priority = 60
+
     def run(self, state: TrainState) -> dict[str, float]:
         metrics = evaluate(self.loss_fn, self.batches(), self.group)
         self.history.append((state.step, metrics))
-        if self.sink is not None:
+        if self.trainer is not None:
+            self.trainer.record_eval(metrics)
+        elif self.sink is not None:
             self.sink.on_eval(state, metrics)
         return metrics
 
@@ -87,5 +95,6 @@ class Evaluator(Callback):
             self.run(state)
 
     def on_train_end(self, state: TrainState) -> None:
-        if self.at_end and state.step > 0 and (not self.history or self.history[-1][0] != state.step):
+        evaluated = bool(self.history) and self.history[-1][0] == state.step
+        if self.at_end and state.step > 0 and state.exit_code == 0 and not evaluated:
             self.run(state)

@@ -195,6 +195,10 @@ class TrainRecipe:
     seed: int = 0  # weight init; the data order has its own seed in the data section
     train_steps: int = 100
     log_interval: int = 10
+    # Steps between the all-reduce that makes every rank agree on stop/save requests (a SIGTERM may reach
+    # some ranks only). 1 = every step; each poll waits for the device, so not every step by default. It must
+    # fit in the scheduler's grace period: poll steps x step time < the seconds between SIGTERM and SIGKILL.
+    flag_poll_interval: int = 10
     run_dir: str = "runs/pretrain"
     wandb_mode: Literal["offline", "online", "disabled"] = "offline"  # offline: files under run_dir, no network
     max_nan_steps: int = 10  # stop the run once more steps than this had a NaN/inf loss
@@ -209,6 +213,8 @@ class TrainRecipe:
             raise ValueError(f"train_steps must be >= 1, got {self.train_steps}")
         if self.log_interval < 1:
             raise ValueError(f"log_interval must be >= 1, got {self.log_interval}")
+        if self.flag_poll_interval < 1:
+            raise ValueError(f"flag_poll_interval must be >= 1, got {self.flag_poll_interval}")
         if (self.data is None) == (self.synthetic_data is None):
             raise ValueError("set exactly one of 'data' (indexed datasets) or 'synthetic_data'")
         if self.schedule.decay_steps is None and self.schedule.warmup_steps >= self.train_steps:

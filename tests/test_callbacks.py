@@ -28,6 +28,7 @@ from kiln.pretrain.callbacks import (
 from kiln.pretrain.callbacks.flops import device_family
 from kiln.pretrain.config import ModelConfig
 from kiln.pretrain.evaluate import Evaluator, evaluate
+from kiln.pretrain.metrics import IntervalMetrics
 from kiln.pretrain.model import full_shapes
 
 
@@ -63,16 +64,18 @@ def test_peak_flops_table_and_override():
 def test_throughput_and_console_line():
     lines: list[str] = []
     state = TrainState(total_steps=20, world_size=4)
-    hooks = CallbackList([Throughput(flops_per_token=1e9, peak_flops=1e13), ConsoleLogger(5, print_fn=lines.append)])
+    hooks = CallbackList([ConsoleLogger(print_fn=lines.append), Throughput(flops_per_token=1e9, peak_flops=1e13)])
+    assert [type(cb).__name__ for cb in hooks.callbacks] == ["Throughput", "ConsoleLogger"]  # by priority
     hooks.on_train_start(state)
-    for step in range(10):
-        state.step += 1
-        state.tokens += 4096
-        metrics = {"loss": 2.0 + step, "lr": 3e-4, "grad_norm": 0.5, "step_time_s": 0.5 if step < 5 else 1.0}
-        hooks.on_step_end(state, metrics)
-        assert metrics["tokens_per_s"] == 4096 / metrics["step_time_s"]
-        assert metrics["tflops_per_device"] == pytest.approx(metrics["tokens_per_s"] * 1e9 / 4 / 1e12)
-        assert metrics["mfu"] == pytest.approx(metrics["tflops_per_device"] * 1e12 / 1e13)
+    summaries = []
+    for step, seconds, loss in ((5, 0.5, 4.0), (10, 1.0, 9.0)):
+        state.step, state.tokens = step, step * 4096
+        metrics = {"loss": loss, "lr": 3e-4, "grad_norm": 0.5, "tokens": 5 * 4096, "steps": 5, "step_time_s": seconds}
+        hooks.on_log(state, metrics)
+        summaries.append(metrics)
+    assert [m["tokens_per_s"] for m in summaries] == [8192.0, 4096.0]
+    assert summaries[0]["tflops_per_device"] == pytest.approx(8192 * 1e9 / 4 / 1e12)
+    assert summaries[0]["mfu"] == pytest.approx(summaries[0]["tflops_per_device"] * 1e12 / 1e13)
     assert len(lines) == 2
     # interval 1: tokens/s 8192, TFLOP/s/dev 8192*1e9/4 = 2.048, MFU 20.5%, ETA 15 steps * 0.5 s
     assert lines[0] == (
@@ -84,17 +87,36 @@ def test_throughput_and_console_line():
     assert format_duration(3 * 86400 + 3600 * 2 + 60) == "3d02h01m" and format_duration(3725) == "1h02m"
 
 
+def test_interval_metrics_mean_over_counted_steps_and_one_summary():
+    interval = IntervalMetrics()
+    steps = [
+        {"loss": torch.tensor(2.0), "grad_norm": torch.tensor(0.5), "lr": 1e-3, "skip": False},
+        {"loss": torch.tensor(float("nan")), "grad_norm": float("nan"), "lr": 2e-3, "skip": True},
+        {"loss": torch.tensor(4.0), "grad_norm": torch.tensor(0.25), "lr": 3e-3, "skip": False, "global_batch": 8},
+    ]
+    for metrics in steps:
+        interval.add(metrics, tokens=256)
+        interval.restart_clock()
+    out = interval.summary()
+    assert out["loss"] == 3.0 and out["grad_norm"] == 0.25 and out["lr"] == 3e-3 and out["global_batch"] == 8
+    assert out["steps"] == 3 and out["skipped"] == 1 and out["tokens"] == 768 and out["skip"] is True
+    assert all(isinstance(out[k], float) for k in ("loss", "grad_norm", "step_time_s"))
+    interval.add({"loss": torch.tensor(float("nan")), "skip": True}, tokens=256)
+    again = interval.summary()  # the next interval starts empty
+    assert math.isnan(again["loss"]) and again["steps"] == 1 and again["skipped"] == 1
+
+
 def test_metrics_file_round_trip(tmp_path):
     state = TrainState(run_dir=tmp_path, total_steps=4)
     mf = MetricsFile()
     mf.on_train_start(state)
     for step in range(1, 5):
         state.step, state.tokens = step, step * 100
-        mf.on_step_end(state, {"loss": torch.tensor(1.0 / step), "lr": 1e-3, "note": "x", "bad": float("nan")})
+        mf.on_log(state, {"loss": torch.tensor(1.0 / step), "lr": 1e-3, "note": "x", "bad": float("nan")})
     mf.on_eval(state, {"val_loss": 0.5, "val_ppl": math.exp(0.5)})
     # a resume from step 2 rewrites steps 3 and 4
     state.step = 3
-    mf.on_step_end(state, {"loss": 0.1})
+    mf.on_log(state, {"loss": 0.1})
     mf.on_train_end(state)
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert all(json.loads(line) for line in lines) and json.loads(lines[0])["bad"] is None
@@ -169,7 +191,7 @@ hooks = CallbackList([Throughput(flops_per_token=1e6, peak_flops=1e12), WandbLog
 hooks.on_train_start(state)
 for step in range(1, 6):
     state.step, state.tokens = step, step * 64
-    hooks.on_step_end(state, {{"loss": torch.tensor(10.0 / step), "lr": 0.1 * step, "step_time_s": 0.5}})
+    hooks.on_log(state, {{"loss": torch.tensor(10.0 / step), "lr": 0.1 * step, "step_time_s": 0.5, "tokens": 64}})
     if step == 4:
         hooks.on_eval(state, {{"val_loss": 1.25, "val_ppl": 3.49}})
 hooks.on_train_end(state)

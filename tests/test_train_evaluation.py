@@ -79,13 +79,13 @@ def _train_with_eval(rank: int, world_size: int, overrides: list[str], evaluate:
             self.losses = []
 
         def on_step_end(self, state, metrics):
-            self.losses.append(metrics["loss"])
+            self.losses.append(float(metrics["loss"]))
 
     by_hand, losses = ByHand(), Losses()
-    callbacks = [losses]
+    callbacks = [losses, by_hand]  # the trainer hands every evaluation to every callback's on_eval
     evaluator = None
     if evaluate:
-        evaluator = EngineEvaluator(engine, batches, interval=5, sink=by_hand)
+        evaluator = EngineEvaluator(engine, batches, interval=5)
         callbacks.append(evaluator)
     train(recipe, callbacks, ctx=ctx, loggers=False, engine=engine)
     destroy_parallel()

@@ -62,7 +62,7 @@ def _train_layouts(rank: int, world_size: int, layouts: dict[str, list[str]]) ->
             self.steps, self.batches = [], []
 
         def on_step_end(self, state, metrics):
-            self.steps.append((metrics["loss"], metrics["grad_norm"], metrics["lr"]))
+            self.steps.append((float(metrics["loss"]), float(metrics["grad_norm"]), metrics["lr"]))
             self.batches.append(metrics["global_batch"])
 
     out = {}

@@ -99,7 +99,7 @@ def _train_and_record(rank: int, world_size: int, prefix: str, run_dir: str) -> 
             self.losses = []
 
         def on_step_end(self, state, metrics):
-            self.losses.append(metrics["loss"])
+            self.losses.append(float(metrics["loss"]))
 
     losses = Losses()
     state = train(recipe, [losses], ctx=ctx, loggers=False, engine=engine)

@@ -66,7 +66,7 @@ def _train_nan(rank: int, world_size: int, overrides: list[str], nan_at: int, ru
 
         def on_step_end(self, state, metrics):
             self.weights[state.step] = engine.full_model_state()
-            self.losses.append(metrics["loss"])
+            self.losses.append(float(metrics["loss"]))
             self.skips.append(bool(metrics.get("skip")))
             poison["on"] = state.step + 1 == nan_at  # the next step's loss is NaN
 

@@ -188,8 +188,16 @@ def _layout_runs(rank: int, world_size: int, runs: list[tuple[str, list[str]]]) 
             self.data, self.steps = data, []
 
         def on_step_end(self, state, metrics):
-            self.steps.append((state.step, metrics["loss"], metrics["grad_norm"], sorted(self.data.read)))
-            self.data.read = []
+            self.steps.append((state.step, float(metrics["loss"]), float(metrics["grad_norm"])))
+
+        def on_train_end(self, state):
+            # batches are prepared ahead on a thread, so a read is attributed to its step by its index (global
+            # batch 8: step s holds samples 8(s-1) ... 8s-1); a read for a step that did not train would show
+            by_step: dict[int, list] = {}
+            for i, crc in self.data.read:
+                by_step.setdefault(i // 8 + 1, []).append((i, crc))
+            assert set(by_step) <= {s for s, _, _ in self.steps}, sorted(by_step)
+            self.steps = [(s, loss, norm, sorted(by_step.get(s, []))) for s, loss, norm in self.steps]
 
     out = {}
     for name, overrides in runs:

@@ -1,13 +1,15 @@
-"""Train-loop callbacks: throughput/console logging, the metrics file, W&B, NaN guard.
+"""Trainer callbacks: NaN guard, checkpointer, throughput, console line, metrics file, W&B (the evaluator is
+``kiln.pretrain.callbacks.evaluation.EngineEvaluator``).
 
-A typical list, in this order (the loggers read what `Throughput` and `NanGuard` add to the metrics)::
+``kiln.pretrain.train.default_callbacks`` builds the usual list; each callback's ``priority`` fixes the order
+the trainer runs them in (``kiln.pretrain.callbacks.base``), whatever order they are given in::
 
-    [NanGuard(max_nan_steps), Throughput(flops_per_token(cfg, seq), peak_flops_per_device("bfloat16")),
-     ConsoleLogger(log_interval), MetricsFile(run_dir), WandbLogger(run_dir, mode="offline"),
-     Evaluator(loss_fn, batches, eval_interval, sink=callback_list)]
+    [NanGuard(max_nan_steps), Checkpointer(manager, interval), Throughput(flops_per_token(cfg, seq), peak),
+     ConsoleLogger(), MetricsFile(run_dir), WandbLogger(run_dir, mode="offline")]
 """
 
 from kiln.pretrain.callbacks.base import Callback, CallbackList, TrainState
+from kiln.pretrain.callbacks.checkpointer import Checkpointer
 from kiln.pretrain.callbacks.flops import PEAK_FLOPS, flops_per_token, measure_cpu_peak_flops, peak_flops_per_device
 from kiln.pretrain.callbacks.metrics_file import METRICS_FILE, MetricsFile, read_metrics
 from kiln.pretrain.callbacks.nan_guard import NanGuard
@@ -19,6 +21,7 @@ __all__ = [
     "PEAK_FLOPS",
     "Callback",
     "CallbackList",
+    "Checkpointer",
     "ConsoleLogger",
     "MetricsFile",
     "NanGuard",

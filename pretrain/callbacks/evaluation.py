@@ -14,8 +14,8 @@ gives them what they need from the trainer:
   validation set (``PretrainData.validation``: a held-out split, the plain twins under MeCo) in order, the same
   global batches at every DP size.
 * `EngineEvaluator(engine, batches, interval)`: an `Evaluator` wired to both, reducing over the data-parallel
-  group only (TP and PP ranks of one replica already hold the same numbers). Pass it to
-  ``kiln.pretrain.train.train(recipe, callbacks=[...])``; ``sink`` gets ``on_eval`` (e.g. a `MetricsFile`).
+  group only (TP and PP ranks of one replica already hold the same numbers). ``kiln.pretrain.train`` adds one
+  when ``eval.interval`` > 0; inside a trainer its metrics go to every callback's ``on_eval``.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ class EngineEvaluator(Evaluator):
         batches: callable returning a fresh iterable of this rank's validation batches
             (`validation_batches`).
         interval: steps between evaluations (0: only at the end / on `run`).
-        sink: receives ``on_eval(state, metrics)`` (loggers, a `MetricsFile`); the metrics are also kept in
+        sink: outside a trainer, receives ``on_eval(state, metrics)``. The metrics are also kept in
             ``history`` as ``(step, {"val_loss", "val_ppl", "val_tokens", "val_batches"})``.
     """
 
@@ -103,6 +103,7 @@ class EngineEvaluator(Evaluator):
         engine,
         batches: Callable[[], Iterable[Batch]],
         interval: int = 1000,
+        *,
         sink: Callback | None = None,
         at_end: bool = True,
     ):

@@ -34,12 +34,11 @@ def _clean(metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 class MetricsFile(Callback):
-    """Append train (every ``log_interval`` steps) and eval metrics to ``<run_dir>/metrics.jsonl`` on the main
-    rank."""
+    """Append train metrics (at every log step: ``on_log``'s interval summary) and eval metrics to
+    ``<run_dir>/metrics.jsonl`` on the main rank."""
 
-    def __init__(self, run_dir: str | Path | None = None, log_interval: int = 1, filename: str = METRICS_FILE):
+    def __init__(self, run_dir: str | Path | None = None, filename: str = METRICS_FILE):
         self.run_dir = Path(run_dir) if run_dir is not None else None
-        self.log_interval = log_interval
         self.filename = filename
         self._file = None
 
@@ -66,9 +65,8 @@ class MetricsFile(Callback):
         if self.run_dir is None:
             self.run_dir = state.run_dir
 
-    def on_step_end(self, state: TrainState, metrics: dict[str, Any]) -> None:
-        if state.step % self.log_interval == 0 or state.step == state.total_steps:
-            self._write(state, "train", metrics)
+    def on_log(self, state: TrainState, metrics: dict[str, Any]) -> None:
+        self._write(state, "train", metrics)
 
     def on_eval(self, state: TrainState, metrics: dict[str, Any]) -> None:
         self._write(state, "eval", metrics)

@@ -20,13 +20,16 @@ class NanGuard(Callback):
       ``check`` returns True for a non-finite loss, counts it in ``state.nan_steps``/``state.skipped_steps``
       and, once ``state.nan_steps`` exceeds ``max_nan_steps``, sets ``state.should_stop`` with a message and
       ``state.exit_code = 1`` (no checkpoint: the state before the bad steps is the one worth keeping).
-    * or as a callback: on ``on_step_end`` it does the same from ``metrics["loss"]`` and sets
-      ``metrics["skip"] = True`` (a loop that reports the loss before stepping can honour it; a step already
-      counted by ``check`` is not counted twice).
+    * or as a callback (priority 100: before the checkpointer): on ``on_step_end`` it counts the step when the
+      train module reports ``metrics["skip"] = True`` (``TrainEngine`` decides the skip before its update and
+      says so: no host sync here); when the metrics carry no ``skip`` it reads ``metrics["loss"]`` itself and
+      sets ``metrics["skip"]`` (a step already counted by ``check`` is not counted twice).
 
     ``max_nan_steps`` counts over the whole run (the counter is part of TrainState, so it survives a resume);
     ``max_nan_steps=0`` stops at the first one.
     """
+
+    priority = 100
 
     def __init__(self, max_nan_steps: int = 10):
         if max_nan_steps < 0:
@@ -64,6 +67,11 @@ class NanGuard(Callback):
     def on_step_end(self, state: TrainState, metrics: dict[str, Any]) -> None:
         loss = metrics.get("loss")
         if loss is None:
+            return
+        if "skip" in metrics and self._checked_step is None:  # the train module decided, before its update
+            if metrics["skip"]:
+                self.check(state, loss)
+                self._checked_step = None
             return
         # already counted by check() this step (called before or after the loop incremented state.step)
         if self._checked_step is not None and state.step in (self._checked_step, self._checked_step + 1):

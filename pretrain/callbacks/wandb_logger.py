@@ -28,8 +28,8 @@ def _new_run_id() -> str:
 
 
 class WandbLogger(Callback):
-    """Log train metrics (``train/<name>``) every ``log_interval`` steps and eval metrics (``eval/<name>``) to W&B
-    from the main rank.
+    """Log train metrics (``train/<name>``, at every log step) and eval metrics (``eval/<name>``) to W&B from the
+    main rank.
 
     Args:
         run_dir: where wandb writes (``<run_dir>/wandb``); default ``state.run_dir``.
@@ -41,6 +41,7 @@ class WandbLogger(Callback):
     def __init__(
         self,
         run_dir: str | Path | None = None,
+        *,
         project: str = "kiln",
         name: str | None = None,
         mode: str = "offline",
@@ -48,14 +49,12 @@ class WandbLogger(Callback):
         entity: str | None = None,
         group: str | None = None,
         tags: list[str] | None = None,
-        log_interval: int = 1,
     ):
         if mode not in ("offline", "online", "disabled"):
             raise ValueError(f"wandb mode must be offline, online or disabled; got {mode!r}")
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.project, self.name, self.mode, self.config = project, name, mode, config or {}
         self.entity, self.group, self.tags = entity, group, tags
-        self.log_interval = log_interval
         self.run = None
 
     def on_train_start(self, state: TrainState) -> None:
@@ -92,9 +91,8 @@ class WandbLogger(Callback):
         data["tokens"] = state.tokens
         self.run.log(data, step=state.step)
 
-    def on_step_end(self, state: TrainState, metrics: dict[str, Any]) -> None:
-        if state.step % self.log_interval == 0 or state.step == state.total_steps:
-            self._log("train", state, metrics)
+    def on_log(self, state: TrainState, metrics: dict[str, Any]) -> None:
+        self._log("train", state, metrics)
 
     def on_eval(self, state: TrainState, metrics: dict[str, Any]) -> None:
         self._log("eval", state, metrics)

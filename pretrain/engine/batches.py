@@ -8,7 +8,10 @@ same at every layout; only which rank computes which micro-batch changes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import queue
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -58,7 +61,7 @@ class SyntheticTokens:
 
 
 def local_micro_batches(
-    dataset, consumed_samples: int, global_batch: int, micro_batch: int, dp_rank: int, dp_size: int
+    dataset, consumed_samples: int, global_batch: int, *, micro_batch: int, dp_rank: int = 0, dp_size: int = 1
 ) -> list[dict[str, torch.Tensor]]:
     """This DP rank's micro-batches (each ``[micro_batch, seq]`` per field) of the step at ``consumed_samples``."""
     indices = rank_sample_indices(consumed_samples, global_batch, dp_rank, dp_size)
@@ -69,6 +72,118 @@ def local_micro_batches(
 
 def collate_indices(dataset, indices: Sequence[int]) -> dict[str, torch.Tensor]:
     return collate([dataset[int(i)] for i in indices])
+
+
+@dataclass
+class StepBatch:
+    """This rank's micro-batches of the step that starts at global sample ``consumed_samples``."""
+
+    consumed_samples: int
+    global_batch: int
+    micro_batches: list[dict[str, torch.Tensor]]
+
+
+class StepBatches:
+    """The coming steps' micro-batches of this rank, prepared ``prefetch`` steps ahead on a background thread.
+
+    Reading and collating samples (memory-mapped token files, packing, MeCo prefixes) then overlaps the step
+    that is running instead of delaying the next one; torch's kernels release the GIL, so the thread mostly
+    runs while the main thread waits on compute. With ``pin_memory`` (CUDA) the batches are copied into
+    page-locked memory there too, so the engine's ``.to(device, non_blocking=True)`` is a true async copy.
+    ``prefetch=0`` prepares each step on the loop thread (no thread). An error reading the data is raised on
+    the loop thread, at the step that needed the batch.
+
+    Use as a context manager (the thread stops on exit) and iterate: ``for step in batches: ...``.
+
+    Args:
+        dataset: global sample index -> sample.
+        global_batch_at: ``consumed_samples -> global batch`` (the recipe's batch ramp-up).
+        start: the data position of the first step (``state.consumed_samples``); ``steps``: how many steps.
+    """
+
+    def __init__(
+        self,
+        dataset,
+        global_batch_at: Callable[[int], int],
+        *,
+        micro_batch: int,
+        dp_rank: int,
+        dp_size: int,
+        start: int,
+        steps: int,
+        prefetch: int = 2,
+        pin_memory: bool = False,
+    ):
+        if prefetch < 0:
+            raise ValueError(f"prefetch must be >= 0, got {prefetch}")
+        self.dataset, self.global_batch_at = dataset, global_batch_at
+        self.micro_batch, self.dp_rank, self.dp_size = micro_batch, dp_rank, dp_size
+        self.start, self.steps, self.prefetch, self.pin_memory = start, steps, prefetch, pin_memory
+        self._queue: queue.Queue | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _positions(self) -> Iterator[tuple[int, int]]:
+        consumed = self.start
+        for _ in range(self.steps):
+            global_batch = self.global_batch_at(consumed)
+            yield consumed, global_batch
+            consumed += global_batch
+
+    def _build(self, consumed: int, global_batch: int) -> StepBatch:
+        micro = local_micro_batches(
+            self.dataset,
+            consumed,
+            global_batch,
+            micro_batch=self.micro_batch,
+            dp_rank=self.dp_rank,
+            dp_size=self.dp_size,
+        )
+        if self.pin_memory:
+            micro = [{k: v.pin_memory() for k, v in mb.items()} for mb in micro]
+        return StepBatch(consumed, global_batch, micro)
+
+    def _put(self, item: StepBatch | BaseException) -> bool:
+        """Queue ``item`` unless the loop has stopped (False then: the consumer is gone)."""
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _produce(self) -> None:
+        try:
+            for consumed, global_batch in self._positions():
+                if not self._put(self._build(consumed, global_batch)):
+                    return
+        except BaseException as e:  # handed to the loop thread, which raises it
+            self._put(e)
+
+    def __enter__(self) -> StepBatches:
+        if self.prefetch > 0:
+            self._queue = queue.Queue(maxsize=self.prefetch)
+            self._thread = threading.Thread(target=self._produce, name="kiln-batches", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+
+    def __iter__(self) -> Iterator[StepBatch]:
+        if self._queue is None:
+            for consumed, global_batch in self._positions():
+                yield self._build(consumed, global_batch)
+            return
+        for _ in range(self.steps):
+            item = self._queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
 
 
 class SyntheticValidation:
@@ -87,4 +202,11 @@ class SyntheticValidation:
             yield collate_indices(self.source, range(start, start + batch_size))
 
 
-__all__ = ["SyntheticTokens", "SyntheticValidation", "collate_indices", "local_micro_batches"]
+__all__ = [
+    "StepBatch",
+    "StepBatches",
+    "SyntheticTokens",
+    "SyntheticValidation",
+    "collate_indices",
+    "local_micro_batches",
+]

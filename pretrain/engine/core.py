@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -46,9 +47,12 @@ from kiln.parallel.zero import (
 )
 from kiln.pretrain.model import KilnLlama, positions_from_segments, tp_split_dim
 from kiln.pretrain.recipe import TrainRecipe
+from kiln.pretrain.train_module import TrainModule
 
 
-class TrainEngine:
+class TrainEngine(TrainModule):
+    """The DeepSpeed train module: model (TP/PP as the layout says), ZeRO optimizer, step, checkpoints."""
+
     def __init__(self, recipe: TrainRecipe, ctx: ParallelContext):
         import deepspeed
 
@@ -90,8 +94,10 @@ class TrainEngine:
     # --- one step ---
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]], global_batch: int, lr: float) -> dict:
-        """Run this rank's micro-batches of one global batch and the optimizer step. Returns loss (the mean over
-        all micro-batches of the global batch, same on every rank), grad_norm (before clipping) and lr."""
+        """Run this rank's micro-batches of one global batch and the optimizer step. Returns ``loss`` (the mean
+        over all micro-batches of the global batch, the same on every rank) and ``grad_norm`` (before clipping;
+        NaN for a skipped step) as 0-dim tensors left on the device (the trainer reads them at log steps), ``lr``
+        and ``skip`` (host bool: the update was skipped for a non-finite loss)."""
         if global_batch != self.global_batch:  # batch-size ramp-up: more micro-batches per step
             self.engine.set_train_batch_size(global_batch)
             self.global_batch = global_batch
@@ -105,15 +111,29 @@ class TrainEngine:
         else:
             loss, skipped = self._plain_step(micro_batches)
         if skipped:
-            grad_norm = None
+            grad_norm = float("nan")
         elif self._own_grad_norm is not None:
             grad_norm = self._own_grad_norm
         else:
             grad_norm = self.engine.get_global_grad_norm()
-        metrics = {"loss": loss, "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"), "lr": lr}
-        if skipped:
-            metrics["skip"] = True
-        return metrics
+        if grad_norm is None:
+            grad_norm = float("nan")
+        return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "skip": skipped}
+
+    train_batch = train_step  # the name of the TrainModule contract (kiln.pretrain.train_module)
+
+    def save_checkpoint(self, manager, state) -> Path:
+        from kiln.pretrain.checkpointing import save_train_checkpoint
+
+        return save_train_checkpoint(manager, self.recipe, self, state, self.ctx)
+
+    def load_checkpoint(self, path: Path, state) -> dict:
+        from kiln.pretrain.checkpointing import restore_checkpoint
+
+        return restore_checkpoint(path, self, state, self.ctx)
+
+    def finish_checkpoints(self) -> None:
+        """Saves are synchronous here: ``save_checkpoint`` returns once the checkpoint is committed."""
 
     def set_lr(self, lr: float) -> None:
         for group in self.engine.optimizer.param_groups:
@@ -122,11 +142,15 @@ class TrainEngine:
     def current_lr(self) -> float:
         return float(self.engine.optimizer.param_groups[0]["lr"])
 
-    def _plain_step(self, micro_batches) -> tuple[float, bool]:
+    def _plain_step(self, micro_batches) -> tuple[torch.Tensor, bool]:
         """Forward/backward every micro-batch; the step's loss (mean over the global batch, reduced over DP
         before the last ``engine.step()``) decides the update: a non-finite one skips it (``_skip_update``), on
-        every rank alike. Returns (loss, skipped)."""
-        total = torch.zeros((), dtype=torch.float64)
+        every rank alike. Returns (loss as a device tensor, skipped).
+
+        The loss is summed on the device; reading whether it is finite is this step's one host sync, and it
+        cannot be avoided: whether to call the optimizer is a host decision (Megatron's ``found_inf.item()``
+        and DeepSpeed's fp16 overflow check are the same sync)."""
+        total = torch.zeros((), dtype=torch.float64, device=self.ctx.device)
         last = len(micro_batches) - 1
         for i, mb in enumerate(micro_batches):
             mb = self._to_device(mb)
@@ -139,30 +163,29 @@ class TrainEngine:
                 loss_mask=mb.get("loss_mask"),
             )
             self.engine.backward(loss)
-            total += loss.detach().double().cpu()
+            total += loss.detach().double()
             if i < last:
                 self.engine.step()  # not the accumulation boundary: only DeepSpeed's micro-step counter
         total /= len(micro_batches)
         if self.ctx.layout.dp > 1:
-            total = total.to(self.ctx.device)
             dist.all_reduce(total, group=self.ctx.dp_group)
-            total = total.cpu() / self.ctx.layout.dp
-        if torch.isfinite(total):
+            total /= self.ctx.layout.dp
+        if bool(torch.isfinite(total)):
             if self.single_replica:
                 self._own_grad_norm = self._clip_gradients()
             self.engine.step()
-            return float(total), False
+            return total, False
         self._skip_update()
-        return float(total), True
+        return total, True
 
     @torch.no_grad()
-    def _clip_gradients(self) -> float:
+    def _clip_gradients(self) -> torch.Tensor:
         """A single replica's global gradient-norm clip (DeepSpeed's is off there): the norm over every TP shard
         (TP-split parameters on every TP rank, replicated ones on TP rank 0 only, summed over the TP group),
         then ``torch.nn.utils.clip_grad_norm_``'s rule. Returns the norm before clipping."""
         params = [p for p in self.module.parameters() if p.grad is not None]
         if not params:
-            return 0.0
+            return torch.zeros((), device=self.ctx.device)
         tp = self.ctx.layout.tp
         counted = [
             p.grad for p in params if tp == 1 or getattr(p, "tensor_model_parallel", False) or self.ctx.tp_rank == 0
@@ -177,7 +200,7 @@ class TrainEngine:
         if max_norm > 0:
             coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
             torch._foreach_mul_([p.grad for p in params], coef)
-        return float(total)
+        return total
 
     def _skip_update(self) -> None:
         """The accumulation boundary without the optimizer update (PP = 1): drop this step's gradients where

@@ -19,7 +19,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, tp: int, fn: Callable, args: tuple, results) -> None:
+def _worker(rank: int, world_size: int, *, port: int, tp: int, fn: Callable, args: tuple, results) -> None:
     import torch
     import torch.distributed as dist
 
@@ -54,7 +54,12 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, tp: int = 0, time
     results = ctx.SimpleQueue()
     port = free_port()
     procs = [
-        ctx.Process(target=_worker, args=(rank, world_size, port, tp, fn, args, results)) for rank in range(world_size)
+        ctx.Process(
+            target=_worker,
+            args=(rank, world_size),
+            kwargs={"port": port, "tp": tp, "fn": fn, "args": args, "results": results},
+        )
+        for rank in range(world_size)
     ]
     for p in procs:
         p.start()

@@ -4,7 +4,7 @@ their plain twins after, and the metadata (and BOS) tokens never contributing to
 A small ``_meco`` / ``_plain`` pair is written with our tokenizer code (every document has a URL, so every
 ``_meco`` document starts ``[BOS] URL: <host>\\n\\n``). The tiny model is trained for 10 steps with
 ``meco.cooldown_fraction = 0.3`` (cooldown step 7) by ``kiln.pretrain.train.train`` on one gloo rank; the engine's
-``train_step`` is wrapped to record exactly the micro-batches it receives. The test then checks, sample by
+``train_batch`` is wrapped to record exactly the micro-batches it receives. The test then checks, sample by
 sample, which twin they come from and that the loss mask is 0 on exactly the BOS and metadata positions.
 """
 
@@ -86,13 +86,13 @@ def _train_and_record(rank: int, world_size: int, prefix: str, run_dir: str) -> 
     ctx = init_parallel(recipe.layout(world_size), timeout_s=120)
     engine = TrainEngine(recipe, ctx)
     received: list[list[dict[str, torch.Tensor]]] = []
-    inner = engine.train_step
+    inner = engine.train_batch
 
     def recording_step(micro_batches, global_batch, lr):
         received.append([{k: v.clone() for k, v in mb.items()} for mb in micro_batches])
         return inner(micro_batches, global_batch, lr)
 
-    engine.train_step = recording_step
+    engine.train_batch = recording_step
 
     class Losses(Callback):
         def __init__(self):

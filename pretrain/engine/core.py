@@ -1,4 +1,4 @@
-"""One optimizer step at any TP x PP x DP layout: ``TrainEngine.train_step(micro_batches, global_batch, lr)``.
+"""One optimizer step at any TP x PP x DP layout: ``TrainEngine.train_batch(micro_batches, global_batch, lr)``.
 
 * PP = 1: ``KilnLlama`` itself (megatron TP layers at TP > 1, plain layers at TP = 1) in a DeepSpeed engine
   with ZeRO 0-3 over the data-parallel group; ``kiln.parallel.topology.MegatronMPU`` tells DeepSpeed the groups.
@@ -93,7 +93,7 @@ class TrainEngine(TrainModule):
 
     # --- one step ---
 
-    def train_step(self, micro_batches: list[dict[str, torch.Tensor]], global_batch: int, lr: float) -> dict:
+    def train_batch(self, micro_batches: list[dict[str, torch.Tensor]], global_batch: int, lr: float) -> dict:
         """Run this rank's micro-batches of one global batch and the optimizer step. Returns ``loss`` (the mean
         over all micro-batches of the global batch, the same on every rank) and ``grad_norm`` (before clipping;
         NaN for a skipped step) as 0-dim tensors left on the device (the trainer reads them at log steps), ``lr``
@@ -119,8 +119,6 @@ class TrainEngine(TrainModule):
         if grad_norm is None:
             grad_norm = float("nan")
         return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "skip": skipped}
-
-    train_batch = train_step  # the name of the TrainModule contract (kiln.pretrain.train_module)
 
     def save_checkpoint(self, manager, state) -> Path:
         from kiln.pretrain.checkpointing import save_train_checkpoint

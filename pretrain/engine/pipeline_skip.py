@@ -20,7 +20,10 @@ step (``DeepSpeedEngine._take_model_step`` with ``overflow`` set):
   expects them.
 
 Every DeepSpeed private attribute this needs is read in this module (pinned DeepSpeed 0.19; checked by the
-PP NaN tests in tests/test_train_nan_eval.py). The cost is one 1-element all-reduce per step.
+PP NaN tests in tests/test_train_nan_eval.py): ``PipelineEngine._INSTRUCTION_MAP`` and ``total_loss``; the
+engine counters ``_step_applied``, ``skipped_steps``, ``global_steps``, ``global_samples``, ``losses``; ZeRO 1's
+``micro_step_id``, ``_release_preflattened_grad_buffers``, ``averaged_gradients``, ``all_grad_tensors``,
+``cpu_offload`` / ``reset_cpu_buffers``. The cost is one 1-element all-reduce (and its host sync) per step.
 """
 
 from __future__ import annotations

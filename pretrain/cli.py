@@ -85,9 +85,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    """A lost node (a collective that fails or times out) ends the rank with one ``kiln: error:`` line naming
+    the checkpoint to resume from, exit code 75 (``kiln.pretrain.faults``)."""
+    from kiln.pretrain.faults import collective_faults
     from kiln.pretrain.train import run_command
 
-    return run_command(args.recipe, args.overrides, dry_run=args.dry_run, world_size=args.world_size)
+    with collective_faults(args.recipe, args.overrides) as fault:
+        return run_command(args.recipe, args.overrides, dry_run=args.dry_run, world_size=args.world_size)
+    return fault.exit_code
 
 
 def _maybe_tokenizer(src, load_tokenizer):
@@ -176,7 +181,9 @@ def register(subparsers) -> None:
         help="pretrain (3D parallel: one process, or every rank of a torchrun job)",
         description="Train a recipe. The recipe is validated against the world size, and its data opened, before "
         "any process group starts. Checkpoints every checkpoint.interval steps and on SIGTERM/SIGUSR1; "
-        "resume=true continues from the newest complete one, at any TP/PP/DP layout.",
+        "resume=true continues from the newest complete one, at any TP/PP/DP layout. A rank that loses contact "
+        "with the job (a node died, a collective timed out after parallel.collective_timeout_s) stops with one "
+        "'kiln: error: lost contact ...' line naming that checkpoint, exit code 75.",
         epilog="examples:\n"
         "  kiln train recipes/pretrain/tiny.yaml                 # or a shipped recipe's name: kiln train tiny\n"
         "  torchrun --standalone --nproc-per-node 4 -m kiln train tiny parallel.tp=2 parallel.pp=2\n"

@@ -5,7 +5,9 @@
   ``metrics.jsonl`` at steps 2, 4, ... with finite values.
 * A forward hook makes the loss NaN at one step: that step's update is skipped (the weights after it equal the
   weights before it), it is counted once, and training continues with finite losses; at one rank (ZeRO 0) and
-  at DP2 with ZeRO 1, 2 and 3 (PP = 1; see ``kiln.pretrain.engine.core`` for PP > 1).
+  at DP2 with ZeRO 1, 2 and 3 (PP = 1), and under PP2 (ZeRO 0 and 1, bf16), TP2xPP2 and PP2xDP2 with the hook
+  on the last stage's final norm (``kiln.pretrain.engine.pipeline_skip``): AdamW's step count and DeepSpeed's
+  counters show the skip too.
   With ``max_nan_steps=0`` the first NaN stops the run with exit code 1 and a message naming the setting.
 """
 
@@ -39,6 +41,16 @@ def _train_eval(rank: int, world_size: int, run_dir: str) -> list[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
+def _final_norm(engine):
+    """The model's final RMSNorm: ``engine.module.norm`` at PP = 1; under PP the module named ``<i>.norm`` of the
+    last stage (None on the other stages)."""
+    if not engine.pipelined:
+        return engine.module.norm
+    norms = [m for name, m in engine.module.named_modules() if name.rsplit(".", 1)[-1] == "norm"]
+    assert len(norms) == (1 if engine.engine.is_last_stage() else 0), [n for n, _ in engine.module.named_modules()]
+    return norms[0] if norms else None
+
+
 def _train_nan(rank: int, world_size: int, overrides: list[str], nan_at: int, run_dir: str) -> dict:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import torch
@@ -46,6 +58,7 @@ def _train_nan(rank: int, world_size: int, overrides: list[str], nan_at: int, ru
     from kiln.parallel.topology import destroy_parallel, init_parallel
     from kiln.pretrain.callbacks.base import Callback
     from kiln.pretrain.engine import TrainEngine
+    from kiln.pretrain.engine.state import optimizer_step
     from kiln.pretrain.recipe import load_recipe
     from kiln.pretrain.train import train
 
@@ -57,17 +70,20 @@ def _train_nan(rank: int, world_size: int, overrides: list[str], nan_at: int, ru
     def hook(module, args, output):
         return output * float("nan") if poison["on"] else output
 
-    engine.module.norm.register_forward_hook(hook)
+    norm = _final_norm(engine)
+    if norm is not None:  # under PP only the last stage holds the final norm
+        norm.register_forward_hook(hook)
 
     class Watch(Callback):
         def __init__(self):
-            self.weights, self.losses, self.skips = {}, [], []
+            self.weights, self.losses, self.skips, self.adam_steps = {}, [], [], []
             self.weights[0] = engine.full_model_state()
 
         def on_step_end(self, state, metrics):
             self.weights[state.step] = engine.full_model_state()
             self.losses.append(float(metrics["loss"]))
             self.skips.append(bool(metrics.get("skip")))
+            self.adam_steps.append(optimizer_step(engine))
             poison["on"] = state.step + 1 == nan_at  # the next step's loss is NaN
 
     watch = Watch()
@@ -83,6 +99,8 @@ def _train_nan(rank: int, world_size: int, overrides: list[str], nan_at: int, ru
         "same": same,
         "losses": watch.losses,
         "skips": watch.skips,
+        "adam_steps": watch.adam_steps,
+        "ds_steps": (engine.engine.global_steps, engine.engine.skipped_steps, engine.engine.global_samples),
         "nan_steps": state.nan_steps,
         "step": state.step,
         "exit_code": state.exit_code,
@@ -114,6 +132,37 @@ def test_nan_loss_skips_the_update_and_training_continues(world_size, zero_stage
     assert math.isnan(out["losses"][2])
     assert out["same"][3]  # step 3 (NaN) left the weights as they were
     assert not out["same"][2] and not out["same"][4] and not out["same"][5]  # the others update them
+    assert all(math.isfinite(loss) for i, loss in enumerate(out["losses"]) if i != 2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("world_size", "overrides"),
+    [
+        (2, ["parallel.pp=2", "parallel.zero_stage=1"]),
+        (2, ["parallel.pp=2", "parallel.zero_stage=0"]),
+        (4, ["parallel.tp=2", "parallel.pp=2", "parallel.zero_stage=1"]),
+        (4, ["parallel.pp=2", "parallel.zero_stage=0"]),
+        (2, ["parallel.pp=2", "parallel.zero_stage=1", "precision=bf16"]),  # DeepSpeed's BF16_Optimizer
+    ],
+    ids=["pp2-z1", "pp2-z0", "tp2pp2-z1", "pp2dp2-z0", "pp2-z1-bf16"],
+)
+def test_nan_loss_skips_the_pipeline_update(world_size, overrides, tmp_path):
+    """PP > 1 (tied embeddings, as the tiny recipe has): the update is suppressed inside DeepSpeed's pipeline
+    schedule (``kiln.pretrain.engine.pipeline_skip``), bitwise, with AdamW's step count held back by one."""
+    outs = run_distributed(_train_nan, world_size, overrides, 3, str(tmp_path))
+    for o in outs:  # every rank agrees
+        assert (o["same"], o["skips"], o["adam_steps"], o["nan_steps"]) == (
+            outs[0]["same"], outs[0]["skips"], outs[0]["adam_steps"], 1
+        )  # fmt: skip
+        assert o["ds_steps"] == (5, 1, 5 * 8)  # DeepSpeed counted the skipped step as its own overflow skip
+    out = outs[0]
+    assert out["step"] == 5 and out["exit_code"] == 0
+    assert out["skips"] == [False, False, True, False, False]
+    assert out["adam_steps"] == [1, 2, 2, 3, 4]  # the NaN step did not advance AdamW
+    assert math.isnan(out["losses"][2])
+    assert out["same"][3]  # the full weights after the NaN step equal those before it
+    assert not out["same"][2] and not out["same"][4] and not out["same"][5]
     assert all(math.isfinite(loss) for i, loss in enumerate(out["losses"]) if i != 2)
 
 

@@ -19,11 +19,15 @@ NaN/inf loss (``NanGuard`` counts it, marks the step skipped, stops after ``max_
   accumulation boundary); a non-finite one skips the update on every rank alike (``_skip_update``: the
   gradients are dropped where DeepSpeed keeps them at ZeRO 0/1/2/3, the weights and AdamW state are untouched,
   DeepSpeed's micro/global step counters advance as for its own overflow skip). ``metrics["skip"]`` is set.
-* PP > 1: DeepSpeed's ``PipelineEngine.train_batch`` runs forward, backward and the optimizer step in one call,
-  and the loss reaches the loop only after the update, so kiln does not suppress it: the step is counted and
-  reported as skipped and the run stops after ``max_nan_steps``, but whether the weights change is DeepSpeed's
-  (by reading its code, not tested here: its ZeRO-1 optimizer in fp32 skips a step whose gradient norm is
-  non-finite; at ZeRO 0 the update is applied). Checkpoints are not written once NanGuard stops the run.
+* PP > 1: DeepSpeed's ``PipelineEngine.train_batch`` runs forward, backward and the optimizer step in one
+  call, so the decision is taken inside it: the schedule's ``OptimizerStep`` instruction (the last one, on
+  every stage) first all-reduces a "non-finite loss" flag over the job (MAX; the last stage holds the summed
+  micro-batch losses by then) and, if set, skips the update on every rank alike, as DeepSpeed skips an
+  overflowed step: gradients dropped (module ``.grad`` at ZeRO 0, ZeRO 1's flat partitions, bf16's fp32
+  buffers), weights and AdamW state untouched, DeepSpeed's step/sample counters advanced
+  (``kiln.pretrain.engine.pipeline_skip``). The loss returned is the non-finite one; ``metrics["skip"]`` is set.
+
+Checkpoints are not written once NanGuard stops the run.
 """
 
 from __future__ import annotations
@@ -107,7 +111,7 @@ class TrainEngine(TrainModule):
         self.set_lr(lr)
         self._own_grad_norm = None
         if self.pipelined:
-            loss, skipped = self._pipeline_step(micro_batches), False
+            loss, skipped = self._pipeline_step(micro_batches)
         else:
             loss, skipped = self._plain_step(micro_batches)
         if skipped:
@@ -234,10 +238,19 @@ class TrainEngine(TrainModule):
         ds.global_samples += ds.train_batch_size()
         ds.micro_steps += 1
 
-    def _pipeline_step(self, micro_batches) -> float:
+    def _pipeline_step(self, micro_batches) -> tuple[float, bool]:
+        """DeepSpeed's 1F1B schedule over the micro-batches, whose ``OptimizerStep`` skips the update on every
+        rank when a last-stage loss is not finite (``kiln.pretrain.engine.pipeline_skip``, installed on the
+        first step). Returns (loss: the mean over the global batch, the same on every rank; skipped)."""
+        record = getattr(self, "_pipeline_skip", None)
+        if record is None:
+            from kiln.pretrain.engine.pipeline_skip import install_nonfinite_skip
+
+            record = self._pipeline_skip = install_nonfinite_skip(self.engine)
+        record.skipped = False
         items = [self.pipeline_inputs(mb) for mb in micro_batches]
         loss = self.engine.train_batch(data_iter=iter(items))
-        return float(loss)
+        return float(loss), record.skipped
 
     def pipeline_inputs(self, mb: dict[str, torch.Tensor]) -> tuple[tuple, tuple]:
         """A micro-batch as DeepSpeed's pipeline takes it: ``((input_ids, position_ids[, segment_ids]),

@@ -238,7 +238,7 @@ class TrainEngine(TrainModule):
         ds.global_samples += ds.train_batch_size()
         ds.micro_steps += 1
 
-    def _pipeline_step(self, micro_batches) -> tuple[float, bool]:
+    def _pipeline_step(self, micro_batches) -> tuple[torch.Tensor, bool]:
         """DeepSpeed's 1F1B schedule over the micro-batches, whose ``OptimizerStep`` skips the update on every
         rank when a last-stage loss is not finite (``kiln.pretrain.engine.pipeline_skip``, installed on the
         first step). Returns (loss: the mean over the global batch, the same on every rank; skipped)."""
@@ -250,7 +250,7 @@ class TrainEngine(TrainModule):
         record.skipped = False
         items = [self.pipeline_inputs(mb) for mb in micro_batches]
         loss = self.engine.train_batch(data_iter=iter(items))
-        return float(loss), record.skipped
+        return loss.detach(), record.skipped
 
     def pipeline_inputs(self, mb: dict[str, torch.Tensor]) -> tuple[tuple, tuple]:
         """A micro-batch as DeepSpeed's pipeline takes it: ``((input_ids, position_ids[, segment_ids]),

@@ -59,10 +59,16 @@ def sharded_state_dict(engine: TrainEngine, *, for_saving: bool) -> dict[str, Sh
             continue
         local_shape = ds.local_shape(p)
         place = {"local_shape": local_shape, "local_offset": _tp_offset(name, local_shape, tp_rank, tp)}
-        held = ds.weight_fragment(opt, p)
-        if held is not None and (for_saving or ds.param_kind(p) != "plain"):
+        held, frag, kind = ds.weight_fragment(opt, p), ds.fragment(opt, p), ds.param_kind(p)
+        if for_saving:
+            # ZeRO 1/2 replicate the weights over DP: the DP rank holding the parameter's first optimizer element
+            # writes them, so the files are as even as ZeRO's partitions (DCP's own dedup hands replicated items
+            # to whichever rank has planned least so far, and left rank 1 of DP2 with 2/3 of the bytes)
+            writes_weight = held is not None and (kind != "zero12" or (frag is not None and frag.start == 0))
+        else:
+            writes_weight = held is not None and kind != "plain"
+        if writes_weight:
             sd[f"model.{name}"] = Shards.from_flat(shapes[name], **place, start=held[0], flat=held[1])
-        frag = ds.fragment(opt, p)
         if frag is None:
             continue
         sd[f"optimizer.{MASTER}.{name}"] = Shards.from_flat(

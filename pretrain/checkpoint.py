@@ -1,18 +1,27 @@
-"""Checkpoint files: atomic directories, a ``latest`` pointer, keep-last-K, RNG and train state, full
-(unsharded) model/optimizer state, and the pre-emption signal handler.
+"""Checkpoint files: atomic directories, a ``latest`` pointer, keep-last-K, RNG and train state, the pre-emption
+signal handler, and the full (unsharded) format older checkpoints use.
 
 Layout under a run's checkpoint root::
 
     checkpoints/
       step_0000100/          one complete checkpoint
-        model.safetensors    full, unsharded model state (any TP/PP layout slices what it needs)
-        optimizer.pt         optimizer state (torch.save), when saved
-        meta.json            caller's metadata (model config, layout it was saved at, ...)
+        state/               the model and optimizer state, sharded (torch.distributed.checkpoint's format):
+          .metadata            every tensor's full shape and which chunk of it is in which file
+          __0_0.distcp         the chunks rank 0 held (its TP slices, ZeRO fragments); one file per rank
+          __1_0.distcp         ...
+        meta.json            model config, the layout it was saved at (TP/PP/DP, ZeRO stage, precision), recipe
         train_state.json     TrainState: step, consumed samples (the data position), tokens, counters
         rng_00000.pt         RNG states of rank 0 (python, numpy, torch, cuda); one file per rank
         COMPLETE             written last, lists every file and its size
       step_0000200.tmp/      a checkpoint being written (or left by a crash: never read, cleaned up later)
       latest                 the name of the newest complete checkpoint ("step_0000100")
+
+``state/`` holds the tensors under layout-independent names (``model.<name>``, ``optimizer.fp32.<name>``,
+``optimizer.exp_avg.<name>``, ``optimizer.exp_avg_sq.<name>``, ``optimizer.step``; see
+``kiln.pretrain.engine.sharded_state``): each rank wrote only what it holds, and any TP x PP x DP x ZeRO layout
+reads its own pieces back. The full format of older checkpoints has, instead of ``state/``,
+``model.safetensors`` (the full model, our parameter names) and ``optimizer.pt`` (the full optimizer state),
+both written by rank 0 after a gather (`save_full_state`); it still loads (``checkpoint_format`` tells which).
 
 Atomicity: everything is written into ``step_XXXXXXX.tmp``; `CheckpointManager.commit` then writes the
 ``COMPLETE`` manifest, fsyncs every file and the directory, renames the directory to ``step_XXXXXXX`` (a
@@ -22,7 +31,9 @@ checkpoint. `find_latest_checkpoint` trusts nothing: it verifies the manifest (f
 and falls back, with a warning, to the newest checkpoint that verifies.
 
 Multi-rank saves: every rank writes its files into `CheckpointManager.begin(step)` (the same directory on a
-shared file system), the loop runs a barrier, then rank 0 calls `commit`.
+shared file system), the loop runs a barrier, then rank 0 calls `commit`. A save still being written in the
+background (``checkpoint.async_save``) is committed by `CheckpointManager.commit_when_written` once its files
+are on disk; `CheckpointManager.wait` blocks until then.
 """
 
 from __future__ import annotations
@@ -34,7 +45,8 @@ import random
 import re
 import shutil
 import signal
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +63,8 @@ MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 META_FILE = "meta.json"
 TRAIN_STATE_FILE = "train_state.json"
+SHARDED_DIR = "state"  # DCP's files: .metadata + one __<rank>_0.distcp per rank
+SHARDED_INDEX = f"{SHARDED_DIR}/.metadata"
 _STEP_DIR = re.compile(r"^step_(\d{7,})$")
 
 
@@ -162,6 +176,10 @@ class CheckpointManager:
             raise ValueError(f"keep_last must be >= 1 or None (keep all), got {keep_last}")
         self.root = Path(root)
         self.keep_last = keep_last
+        self._pending: Future | None = None  # a save being written in the background (commit_when_written)
+        self._executor: ThreadPoolExecutor | None = None
+        # the process group background saves synchronise on (kiln.pretrain.checkpointing creates it on first use)
+        self.background_group: Any = None
 
     def tmp_dir(self, step: int) -> Path:
         return self.root / (step_dir_name(step) + ".tmp")
@@ -202,6 +220,35 @@ class CheckpointManager:
         self.prune()
         return final
 
+    def commit_when_written(self, step: int, written: Callable[[], object], *, commit: bool) -> None:
+        """Finish step ``step`` in the background: a thread waits for ``written()`` to return (it blocks until this
+        save's files are on disk) and then, with ``commit`` (on one rank only), commits it. One at a time: `wait`
+        for the previous one first. The thread is not a daemon: the process waits for it before exiting."""
+        if self._pending is not None:
+            raise CheckpointError(f"a background save is still pending under {self.root}: call wait() first")
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kiln-checkpoint")
+
+        def finish() -> Path:
+            try:
+                written()
+                return self.commit(step) if commit else self.final_dir(step)
+            except BaseException:
+                log.exception("background save of step %d under %s failed", step, self.root)
+                raise
+
+        self._pending = self._executor.submit(finish)
+
+    def wait(self) -> Path | None:
+        """Block until the background save (if any) is written and, where this rank commits, committed. Returns its
+        final directory (None: nothing was pending); re-raises its error."""
+        pending, self._pending = self._pending, None
+        return None if pending is None else pending.result()
+
+    @property
+    def pending(self) -> bool:
+        return self._pending is not None
+
     def save(self, step: int, writer) -> Path:
         """Single-process convenience: ``writer(tmp_dir)`` writes the files, then `commit`."""
         tmp = self.begin(step, clean=True)
@@ -230,6 +277,19 @@ class CheckpointManager:
 
     def latest(self) -> Path | None:
         return find_latest_checkpoint(self.root)
+
+
+def checkpoint_format(ckpt: str | os.PathLike) -> str:
+    """ "sharded" (``state/.metadata``) or "full" (``model.safetensors``, the older format); CheckpointError if
+    ``ckpt`` has neither."""
+    ckpt = Path(ckpt)
+    if (ckpt / SHARDED_INDEX).is_file():
+        return "sharded"
+    if (ckpt / MODEL_FILE).is_file():
+        return "full"
+    raise CheckpointError(
+        f"{ckpt}: no model state: expected {SHARDED_INDEX} (sharded checkpoint) or {MODEL_FILE} (full format)"
+    )
 
 
 # ------------------------------------------------------------------------------------------------ RNG + train state

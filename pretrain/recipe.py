@@ -140,20 +140,28 @@ class SyntheticDataConfig:
 
 @dataclass
 class CheckpointConfig:
-    """Periodic checkpoints (full model + optimizer state, train state, RNG; see ``kiln.pretrain.checkpoint``) every
-    ``interval`` steps (0: only on pre-emption signals and at the end of training), keeping the newest
+    """Periodic checkpoints (sharded model + optimizer state, train state, RNG; see ``kiln.pretrain.checkpoint``)
+    every ``interval`` steps (0: only on pre-emption signals and at the end of training), keeping the newest
     ``keep_last``. ``dir`` defaults to ``<run_dir>/checkpoints``."""
 
     interval: int = 0
     keep_last: int = 3
     dir: str | None = None
     save_final: bool = True  # with interval > 0: also save at the last step
+    # write periodic checkpoints in a background thread: the step waits only for a copy of this rank's shards
+    # (host memory: one more copy of them until the write ends); the last save of a run is always synchronous
+    async_save: bool = False
 
     def validate(self) -> None:
         if self.interval < 0:
             raise ValueError(f"interval must be >= 0 (0: no periodic saves), got {self.interval}")
         if self.keep_last < 1:
             raise ValueError(f"keep_last must be >= 1, got {self.keep_last}")
+        if self.async_save and self.interval == 0:
+            raise ValueError(
+                "async_save applies to periodic saves, and interval is 0: set interval > 0 (saves on signals and at "
+                "the end of training are synchronous)"
+            )
 
 
 @dataclass

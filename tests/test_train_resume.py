@@ -11,6 +11,9 @@
   (fp32 masters) resumes bitwise at 1 rank.
 * ZeRO (one 2-rank launch): a ZeRO-3 checkpoint resumes bitwise at ZeRO-3 and within 1e-4 at ZeRO 2, 1, 0.
 
+Every checkpoint here is in the sharded format (each rank wrote its own pieces, ``kiln.pretrain.engine.
+sharded_state``); the older full format is tested in test_sharded_checkpoint.py.
+
 This file is also the worker for the killed/terminated runs (``python tests/test_train_resume.py RUN_DIR
 DELAY_S [overrides]``): the trainer's ``train`` with a callback that sleeps ``DELAY_S`` per step, so that a
 signal reliably lands in the middle of the run.
@@ -93,7 +96,7 @@ def reference(tmp_path_factory) -> dict[int, tuple[float, float]]:
 
 @pytest.mark.slow
 def test_sigkill_then_resume_is_bitwise_exact(tmp_path, reference):
-    from kiln.pretrain.checkpoint import find_latest_checkpoint, load_train_state
+    from kiln.pretrain.checkpoint import checkpoint_format, find_latest_checkpoint, load_train_state
 
     kill_after = random.Random().choice([2, 4, 6, 8])  # a random checkpoint step to kill the run after
     ckpts = tmp_path / "checkpoints"
@@ -103,7 +106,7 @@ def test_sigkill_then_resume_is_bitwise_exact(tmp_path, reference):
     proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
     saved = find_latest_checkpoint(ckpts)
-    assert saved is not None
+    assert saved is not None and checkpoint_format(saved) == "sharded"
     resumed_at = load_train_state(saved).step
     assert kill_after <= resumed_at < STEPS  # killed mid-run
     # a newer checkpoint that is not complete (no manifest) and that ``latest`` names: resume must fall back to
@@ -213,6 +216,7 @@ def _layout_runs(rank: int, world_size: int, runs: list[tuple[str, list[str]]]) 
 
 @pytest.mark.slow
 def test_resume_at_another_layout(tmp_path):
+    from kiln.pretrain.checkpoint import checkpoint_format
     from kiln.pretrain.testing import run_distributed
 
     saved, ck = tmp_path / "tp2pp2" / "step_0000003", tmp_path / "tp2pp2"
@@ -228,6 +232,8 @@ def test_resume_at_another_layout(tmp_path):
             ("PP2xDP2 resumed", ["parallel.pp=2", f"resume={saved}", f"run_dir={tmp_path}/b"]),
         ],
     )
+    assert checkpoint_format(saved) == "sharded"  # every rank wrote its own pieces; nothing was gathered
+    assert sorted(p.name for p in (saved / "state").glob("*.distcp")) == [f"__{r}_0.distcp" for r in range(4)]
     bf = tmp_path / "bf16"
     one = run_distributed(
         _layout_runs,
@@ -272,6 +278,7 @@ def test_resume_at_another_layout(tmp_path):
 def test_resume_across_zero_stages(tmp_path):
     """ZeRO-3 partitions (padded flat fp32 partitions) saved and resumed at ZeRO 3 (bitwise), 2, 1 and without
     ZeRO, on 2 data-parallel ranks."""
+    from kiln.pretrain.checkpoint import checkpoint_format
     from kiln.pretrain.testing import run_distributed
 
     ck = tmp_path / "zero3"
@@ -282,6 +289,7 @@ def test_resume_across_zero_stages(tmp_path):
         for stage in (3, 2, 1, 0)
     ]
     results = run_distributed(_layout_runs, 2, runs)
+    assert checkpoint_format(saved) == "sharded"
     ref = results[0]["ZeRO-3"]
     assert [s[0] for s in ref] == [1, 2, 3, 4, 5, 6]
     for stage in (3, 2, 1, 0):

@@ -1,6 +1,7 @@
 """The training engine: one optimizer step at any layout (``core``), which samples each rank trains on
-(``batches``), the full (layout-independent) optimizer state for checkpoints (``state``) and the ``--dry-run``
-memory estimate (``memory``)."""
+(``batches``), its state for checkpoints: sharded, as views into its own buffers (``sharded_state``), or gathered
+in full for the older format (``state``), every DeepSpeed internal it reads (``deepspeed_adapter``), and the
+``--dry-run`` memory estimate (``memory``)."""
 
 from kiln.pretrain.engine.batches import SyntheticTokens, collate_indices, local_micro_batches
 from kiln.pretrain.engine.core import TrainEngine, checkpoint_layers

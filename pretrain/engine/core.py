@@ -49,6 +49,7 @@ from kiln.parallel.zero import (
     single_replica,
     weight_decay_groups,
 )
+from kiln.pretrain.engine import deepspeed_adapter
 from kiln.pretrain.model import KilnLlama, positions_from_segments, tp_split_dim
 from kiln.pretrain.recipe import TrainRecipe
 from kiln.pretrain.train_module import TrainModule
@@ -58,6 +59,7 @@ class TrainEngine(TrainModule):
     """The DeepSpeed train module: model (TP/PP as the layout says), ZeRO optimizer, step, checkpoints."""
 
     def __init__(self, recipe: TrainRecipe, ctx: ParallelContext):
+        deepspeed_adapter.check_deepspeed_version()  # before anything reads DeepSpeed's internals
         import deepspeed
 
         self._own_grad_norm: float | None = None
@@ -205,38 +207,8 @@ class TrainEngine(TrainModule):
         return total
 
     def _skip_update(self) -> None:
-        """The accumulation boundary without the optimizer update (PP = 1): drop this step's gradients where
-        DeepSpeed keeps them (the module's ``.grad`` at ZeRO 0; also the reduced partitions at ZeRO 1/2/3, as
-        DeepSpeed's own overflow skip does) and advance the engine's counters as a skipped step, so that the
-        next step starts from clean gradients and the accumulation boundary stays where DeepSpeed expects it.
-        The AdamW state (moments, step count) and the weights are untouched."""
-        ds = self.engine
-        if not ds.is_gradient_accumulation_boundary():
-            raise RuntimeError("internal: _skip_update outside the gradient-accumulation boundary")
-        stage = ds.zero_optimization_stage()
-        if stage == 0:
-            ds.zero_grad()
-            self.module.zero_grad(set_to_none=True)
-        else:
-            opt = ds.optimizer
-            opt.zero_grad(set_to_none=True)
-            if stage in (1, 2):
-                release = getattr(opt, "_release_preflattened_grad_buffers", None)
-                if release is not None:
-                    release()
-                if getattr(opt, "cpu_offload", False):
-                    opt.reset_cpu_buffers()
-                else:
-                    for k in list(opt.averaged_gradients.keys()):
-                        opt.averaged_gradients[k] = None
-                opt.micro_step_id = -1  # deepspeed.runtime.zero.stage_1_and_2.INITIAL_MICRO_STEP_ID
-            else:
-                opt.averaged_gradients = {}
-        ds._step_applied = False
-        ds.skipped_steps += 1
-        ds.global_steps += 1
-        ds.global_samples += ds.train_batch_size()
-        ds.micro_steps += 1
+        """The accumulation boundary without the optimizer update (``deepspeed_adapter.skip_update``)."""
+        deepspeed_adapter.skip_update(self.engine, self.module)
 
     def _pipeline_step(self, micro_batches) -> tuple[torch.Tensor, bool]:
         """DeepSpeed's 1F1B schedule over the micro-batches, whose ``OptimizerStep`` skips the update on every
@@ -318,7 +290,7 @@ class TrainEngine(TrainModule):
 
     def num_parameters(self) -> int:
         """Parameters held by this rank (its TP slice of its pipeline stage), counted before ZeRO sharding."""
-        return sum(getattr(p, "ds_numel", p.numel()) for p in self.module.parameters())
+        return sum(deepspeed_adapter.local_numel(p) for p in self.module.parameters())
 
 
 def checkpoint_layers(model: KilnLlama, checkpoint: Callable[..., Any] | None = None) -> None:

@@ -1,5 +1,5 @@
-"""Checkpoint files: atomic directories, a ``latest`` pointer, keep-last-K, RNG and train state, the pre-emption
-signal handler, and the full (unsharded) format older checkpoints use.
+"""Checkpoint files: atomic directories, a ``latest`` pointer, keep-last-K, RNG and train state, and the full
+(unsharded) format older checkpoints use. (Pre-emption signals are the trainer's: ``kiln.pretrain.cancellation``.)
 
 Layout under a run's checkpoint root::
 
@@ -44,8 +44,7 @@ import os
 import random
 import re
 import shutil
-import signal
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -464,44 +463,3 @@ def resume_checkpoint(
     elif (ckpt / META_FILE).is_file():
         meta = json.loads((ckpt / META_FILE).read_text())
     return ckpt, state, model_state, optimizer_state, meta
-
-
-# ------------------------------------------------------------------------------------------------ pre-emption
-
-
-class PreemptionHandler:
-    """On SIGTERM / SIGUSR1 set ``state.should_save`` and ``state.should_stop``: the loop saves a checkpoint
-    at the end of the current step and exits 0. Use as a context manager (restores the previous handlers)."""
-
-    def __init__(self, state: TrainState, signals: Iterable[int] = (signal.SIGTERM, signal.SIGUSR1)):
-        self.state = state
-        self.signals = tuple(signals)
-        self.received: list[int] = []
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum, frame) -> None:
-        self.received.append(signum)
-        self.state.should_save = True
-        self.state.should_stop = True
-        if not self.state.stop_reason:
-            self.state.stop_reason = f"received {signal.Signals(signum).name}: saving a checkpoint and exiting"
-
-    def install(self) -> PreemptionHandler:
-        for s in self.signals:
-            self._previous[s] = signal.signal(s, self._handle)
-        return self
-
-    def uninstall(self) -> None:
-        for s, prev in self._previous.items():
-            signal.signal(s, prev)
-        self._previous.clear()
-
-    def __enter__(self) -> PreemptionHandler:
-        return self.install()
-
-    def __exit__(self, *exc) -> None:
-        self.uninstall()
-
-
-def install_preemption_handler(state: TrainState, signals: Iterable[int] = (signal.SIGTERM, signal.SIGUSR1)):
-    return PreemptionHandler(state, signals).install()

@@ -89,8 +89,7 @@ def restore_checkpoint(ckpt: Path, engine, state: TrainState, ctx) -> dict:
         if optimizer_state is None:
             raise CheckpointError(f"{ckpt} has no optimizer state: it cannot be resumed (only used as initial weights)")
         engine.load_full_state(model_state, optimizer_state)
-    for name in ("step", "consumed_samples", "tokens", "nan_steps", "skipped_steps", "extra"):
-        setattr(state, name, getattr(saved, name))
+    state.restore(saved.checkpointed())
     saved_world = meta.get("layout", {}).get("world_size")
     if (ckpt / rng_file(ctx.rank)).is_file() and saved_world == ctx.world_size:
         load_rng_state(ckpt, ctx.rank)

@@ -33,7 +33,7 @@ class TrainModule(ABC):
         metadata."""
 
     @abstractmethod
-    def finish_checkpoints(self) -> None:
+    def finish_checkpoints(self, manager: Any) -> None:
         """Wait until every checkpoint started by ``save_checkpoint`` is complete on disk (asynchronous saves
         finish in the background); called at the end of training."""
 

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -25,7 +24,6 @@ from kiln.pretrain.checkpoint import (
     SHARDED_DIR,
     CheckpointError,
     CheckpointManager,
-    PreemptionHandler,
     checkpoint_format,
     find_latest_checkpoint,
     is_complete,
@@ -193,50 +191,6 @@ def test_full_state_tied_weights_and_optimizer(tmp_path):
     assert load_full_state(tmp_path, load_optimizer=False)[1] is None
     with pytest.raises(CheckpointError, match="not found"):
         load_full_state(tmp_path / "nope")
-
-
-def test_sigterm_and_sigusr1_request_save_and_stop():
-    state = TrainState(step=7)
-    with PreemptionHandler(state) as handler:
-        os.kill(os.getpid(), signal.SIGUSR1)
-        time.sleep(0.01)
-        assert state.should_save and state.should_stop and "SIGUSR1" in state.stop_reason
-        state.should_save = state.should_stop = False
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(0.01)
-        assert state.should_save and state.should_stop
-        assert handler.received == [signal.SIGUSR1, signal.SIGTERM]
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
-
-
-def test_sigterm_loop_saves_and_exits_zero(tmp_path):
-    """A toy loop shows the contract: on SIGTERM the step finishes, a checkpoint is written, exit code 0."""
-    root = tmp_path / "ckpt"
-    script = textwrap.dedent(
-        f"""
-        import time, torch
-        from kiln.pretrain.callbacks.base import TrainState
-        from kiln.pretrain.checkpoint import CheckpointManager, install_preemption_handler, save_train_state
-        state = TrainState()
-        install_preemption_handler(state)
-        mgr = CheckpointManager({str(root)!r})
-        while not state.should_stop:
-            state.step += 1
-            if state.step == 3:
-                print("ready", flush=True)
-            time.sleep(0.01)
-        if state.should_save:
-            mgr.save(state.step, lambda d: save_train_state(d, state))
-        """
-    )
-    env = dict(os.environ, PYTHONPATH=os.getcwd())
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=env)
-    assert proc.stdout.readline().strip() == "ready"
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=30) == 0
-    latest = find_latest_checkpoint(root)
-    assert latest is not None and (latest / MANIFEST).is_file()
-    assert load_train_state(latest).step >= 3 and not load_train_state(latest).should_stop
 
 
 def test_save_and_resume_checkpoint_round_trip(tmp_path, caplog):

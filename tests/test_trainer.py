@@ -46,7 +46,7 @@ class ScriptedModule(TrainModule):
     def load_checkpoint(self, path, state):
         return {}
 
-    def finish_checkpoints(self):
+    def finish_checkpoints(self, manager):
         self.finished = True
 
 
@@ -138,3 +138,23 @@ def test_a_data_error_surfaces_at_the_step_that_needs_the_batch(tmp_path):
     with pytest.raises(ValueError, match="sample 24: corrupt"):
         Trainer(recipe, module, Broken(), _ctx(), prefetch=2).fit()
     assert len(module.first_ids) == 3  # steps 0-2 trained; step 3 needed sample 24
+
+
+def test_signals_are_pending_until_the_poll_agrees():
+    from kiln.pretrain.callbacks.base import TrainState
+    from kiln.pretrain.cancellation import StopRequests
+
+    state = TrainState(step=7)
+    stops = StopRequests(SimpleNamespace(world_size=1), poll_interval=10).install()
+    try:
+        signal.raise_signal(signal.SIGUSR1)
+        assert not state.should_stop and stops.stop  # pending on this rank only
+        stops.poll(state)
+        assert state.should_save and state.should_stop and "SIGUSR1" in state.stop_reason
+        signal.raise_signal(signal.SIGTERM)
+        assert stops.received == [signal.SIGUSR1, signal.SIGTERM]
+    finally:
+        stops.uninstall()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    with pytest.raises(ValueError, match="poll_interval must be >= 1"):
+        StopRequests(SimpleNamespace(world_size=1), poll_interval=0)

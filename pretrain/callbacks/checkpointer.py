@@ -40,7 +40,7 @@ class Checkpointer(Callback):
     def on_train_end(self, state: TrainState) -> None:
         if state.exit_code == 0 and state.should_save and self.last_saved != state.step:
             self._save(state)  # e.g. a stop request agreed at the poll after the last step
-        self.trainer.module.finish_checkpoints()
+        self.trainer.module.finish_checkpoints(self.manager)  # a save still written in the background
 
     def _save(self, state: TrainState) -> None:
         self.trainer.module.save_checkpoint(self.manager, state)

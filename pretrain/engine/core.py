@@ -136,8 +136,10 @@ class TrainEngine(TrainModule):
 
         return restore_checkpoint(path, self, state, self.ctx)
 
-    def finish_checkpoints(self) -> None:
-        """Saves are synchronous here: ``save_checkpoint`` returns once the checkpoint is committed."""
+    def finish_checkpoints(self, manager) -> None:
+        from kiln.pretrain.checkpointing import wait_for_checkpoint
+
+        wait_for_checkpoint(manager, self.ctx)
 
     def set_lr(self, lr: float) -> None:
         for group in self.engine.optimizer.param_groups:

@@ -6,7 +6,7 @@
 * A forward hook makes the loss NaN at one step: that step's update is skipped (the weights after it equal the
   weights before it), it is counted once, and training continues with finite losses; at one rank (ZeRO 0) and
   at DP2 with ZeRO 1, 2 and 3 (PP = 1), and under PP2 (ZeRO 0 and 1, bf16), TP2xPP2 and PP2xDP2 with the hook
-  on the last stage's final norm (``kiln.pretrain.engine.pipeline_skip``): AdamW's step count and DeepSpeed's
+  on the last stage's final norm (``kiln.pretrain.engine.deepspeed_adapter.install_pipeline_nonfinite_skip``): AdamW's step count and DeepSpeed's
   counters show the skip too.
   With ``max_nan_steps=0`` the first NaN stops the run with exit code 1 and a message naming the setting.
 """
@@ -149,7 +149,7 @@ def test_nan_loss_skips_the_update_and_training_continues(world_size, zero_stage
 )
 def test_nan_loss_skips_the_pipeline_update(world_size, overrides, tmp_path):
     """PP > 1 (tied embeddings, as the tiny recipe has): the update is suppressed inside DeepSpeed's pipeline
-    schedule (``kiln.pretrain.engine.pipeline_skip``), bitwise, with AdamW's step count held back by one."""
+    schedule (``kiln.pretrain.engine.deepspeed_adapter.install_pipeline_nonfinite_skip``), bitwise, with AdamW's step count held back by one."""
     outs = run_distributed(_train_nan, world_size, overrides, 3, str(tmp_path))
     for o in outs:  # every rank agrees
         assert (o["same"], o["skips"], o["adam_steps"], o["nan_steps"]) == (

@@ -25,7 +25,7 @@ NaN/inf loss (``NanGuard`` counts it, marks the step skipped, stops after ``max_
   micro-batch losses by then) and, if set, skips the update on every rank alike, as DeepSpeed skips an
   overflowed step: gradients dropped (module ``.grad`` at ZeRO 0, ZeRO 1's flat partitions, bf16's fp32
   buffers), weights and AdamW state untouched, DeepSpeed's step/sample counters advanced
-  (``kiln.pretrain.engine.pipeline_skip``). The loss returned is the non-finite one; ``metrics["skip"]`` is set.
+  (``kiln.pretrain.engine.deepspeed_adapter.install_pipeline_nonfinite_skip``). The loss returned is the non-finite one; ``metrics["skip"]`` is set.
 
 Checkpoints are not written once NanGuard stops the run.
 """
@@ -214,13 +214,13 @@ class TrainEngine(TrainModule):
 
     def _pipeline_step(self, micro_batches) -> tuple[torch.Tensor, bool]:
         """DeepSpeed's 1F1B schedule over the micro-batches, whose ``OptimizerStep`` skips the update on every
-        rank when a last-stage loss is not finite (``kiln.pretrain.engine.pipeline_skip``, installed on the
+        rank when a last-stage loss is not finite (``deepspeed_adapter.install_pipeline_nonfinite_skip``, installed on the
         first step). Returns (loss: the mean over the global batch, the same on every rank; skipped)."""
         record = getattr(self, "_pipeline_skip", None)
         if record is None:
-            from kiln.pretrain.engine.pipeline_skip import install_nonfinite_skip
+            from kiln.pretrain.engine.deepspeed_adapter import install_pipeline_nonfinite_skip
 
-            record = self._pipeline_skip = install_nonfinite_skip(self.engine)
+            record = self._pipeline_skip = install_pipeline_nonfinite_skip(self.engine)
         record.skipped = False
         items = [self.pipeline_inputs(mb) for mb in micro_batches]
         loss = self.engine.train_batch(data_iter=iter(items))

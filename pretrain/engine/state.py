@@ -16,9 +16,9 @@ copy with bf16) and ``step``. Where DeepSpeed keeps these:
 
 Gathering: each fragment goes into a zero buffer of the parameter's size and the buffers are summed over the
 DP group (ZeRO 1/2; ZeRO-3 all-gathers its equal partitions); TP slices are concatenated over the TP group
-(``kiln.pretrain.model.tp_split_dim``); pipeline stages exchange their dicts. Loading slices the full tensors for
-the current layout: the TP slice (``tp_slice``), then this rank's DP fragment. So a state saved at TP2 x PP2
-loads at PP2 x DP2 with ZeRO 1, or at 1 rank.
+(``kiln.parallel.tensor_parallel.tp_split_dim``); pipeline stages exchange their dicts. Loading slices the full
+tensors for the current layout: the TP slice (``tp_slice``), then this rank's DP fragment. So a state saved at
+TP2 x PP2 loads at PP2 x DP2 with ZeRO 1, or at 1 rank.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from kiln.parallel.pipeline import model_param_name
-from kiln.pretrain.model import tp_slice, tp_split_dim
+from kiln.parallel.tensor_parallel import tp_slice, tp_split_dim
 
 if TYPE_CHECKING:
     from kiln.pretrain.engine.core import TrainEngine

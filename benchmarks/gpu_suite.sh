@@ -121,7 +121,8 @@ for mod in ("triton", "transformers", "deepspeed", "megatron.core", "pydantic", 
         info[mod] = f"IMPORT FAILED: {type(e).__name__}: {e}"
 for mod in ("deepspeed", "megatron.core.parallel_state", "megatron.core.tensor_parallel", "kiln", "kiln.cli",
             "kiln.kernels", "kiln.pretrain.model", "kiln.pretrain.train", "kiln.pretrain.engine",
-            "kiln.parallel.topology", "kiln.parallel.zero", "kiln.pretrain.callbacks.flops"):
+            "kiln.parallel.topology", "kiln.parallel.parallelize", "kiln.pretrain.engine.zero",
+            "kiln.pretrain.callbacks.flops"):
     try:
         m = importlib.import_module(mod)
         info["imports"][mod] = "ok"

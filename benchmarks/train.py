@@ -210,7 +210,7 @@ class PlainLoop:
     def __init__(self, recipe, dataset, device, source=None):
         import torch
 
-        from kiln.parallel.zero import weight_decay_groups
+        from kiln.pretrain.engine.zero import weight_decay_groups
         from kiln.pretrain.model import KilnLlama
         from kiln.pretrain.schedule import LRSchedule
 
@@ -218,10 +218,10 @@ class PlainLoop:
         self.device = device
         self.bf16 = recipe.precision == "bf16"
         if source is None:
-            self.model = KilnLlama(recipe.model, tp_group=None, init_seed=recipe.seed).to(device)
+            self.model = KilnLlama(recipe.model, init_seed=recipe.seed).to(device)
         else:  # built on the device (no CPU init of a 1B model), weights copied from ``source`` below
             with torch.device(device):
-                self.model = KilnLlama(recipe.model, tp_group=None, init_seed=None)
+                self.model = KilnLlama(recipe.model, init_seed=None)
         if self.bf16:
             self.model.to(torch.bfloat16)
         if source is not None:
@@ -649,7 +649,7 @@ def report(cmd: str, cpu: dict, gpu: dict | None, gpu_reason: str) -> str:
         f"({cpu['tokens_per_step']} tokens/step, "
         f"{r.parallel.global_batch // r.parallel.micro_batch} micro-batches); AdamW, clip 1.0; "
         f"kiln recipe ZeRO stage {r.parallel.zero_stage} (at DP = 1 the engine runs ZeRO 0 without the 1-rank "
-        "gradient all-reduce and clips itself: parallel.zero.effective_zero_stage)" + ".",
+        "gradient all-reduce and clips itself: kiln.pretrain.engine.zero.effective_zero_stage)" + ".",
         "",
         "| loop | timed steps | median step s (wall) | min s | max s | tokens/s (wall) | median CPU s/step | "
         "tokens per CPU s |",

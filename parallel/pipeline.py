@@ -1,71 +1,56 @@
-"""KilnLlama as a DeepSpeed ``PipelineModule``: the same blocks as ``kiln.pretrain.model``, cut into pipeline layers.
+"""Pipeline stages cut out of a ``KilnLlama``: a DeepSpeed ``PipelineModule`` whose layers hold the model's own
+modules (no layer class or init is written twice).
 
 Pipeline layers, in order (DeepSpeed names a parameter ``<layer index>.<name inside the layer>``):
 
 ====================  ==============================  =======================================================
-layer                 holds                           passes on
+layer                 holds (the model's own)         passes on
 ====================  ==============================  =======================================================
 ``EmbeddingStage``    ``embed_tokens``                ``(h [seq, batch, hidden], position_ids[, segment_ids])``
-``DecoderStage`` x L  one ``DecoderLayer``            the same tuple
+``DecoderStage`` x L  ``layers[i]`` (as ``layer``)    the same tuple
 ``FinalNormStage``    ``norm``                        ``h``
 ``LMHeadStage``       ``lm_head``                     logits ``[seq, batch, vocab / tp]``
 ====================  ==============================  =======================================================
 
-With ``tie_word_embeddings`` the head is a second use of the embedding layer (a DeepSpeed ``TiedLayerSpec`` with
-key ``embed``): the first and last stage each hold ``embed_tokens.weight`` (as ``tied_modules.embed.*``) and
-DeepSpeed all-reduces its gradient between them, marking the last stage's copy ``ds_pipe_replicated`` so the
-gradient norm counts it once. Integer tensors (positions, document ids) travel with the activations; DeepSpeed
-sends gradients only for floating-point ones.
+With ``tie_word_embeddings`` the head is a second use of the embedding layer (a DeepSpeed ``TiedLayerSpec``
+with key ``embed``): the first and last stage each hold ``embed_tokens.weight`` (as ``tied_modules.embed.*``)
+and DeepSpeed all-reduces its gradient between them, marking the last stage's copy ``ds_pipe_replicated`` so
+the gradient norm counts it once. Integer tensors (positions, document ids) travel with the activations;
+DeepSpeed sends gradients only for floating-point ones.
 
 The partition balances decoder layers (``type:DecoderStage``): the embedding joins the first stage, the final
-norm and head the last. The loss is ``KilnLlama.loss`` (vocab-parallel cross-entropy at TP > 1) on the last stage.
-
-Every rank draws the same full-size initial weights as ``KilnLlama.init_weights`` (same generator, same order)
-and keeps its stage's TP slices, so a run at any layout starts from the model a 1-rank run starts from.
+norm and head the last. ``stage_partition`` computes the same split without building anything, which
+``kiln.parallel.parallelize`` uses to materialise and initialise only this stage's modules before DeepSpeed
+sees them. The loss is the model's own ``lm_loss`` (vocab-parallel at TP > 1) on the last stage.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 import re
 
 import torch
 import torch.nn as nn
 
 from kiln.pretrain.config import ModelConfig
-from kiln.pretrain.model import (
-    DecoderLayer,
-    KilnLlama,
-    RMSNorm,
-    RotaryEmbedding,
-    TensorParallel,
-    full_shapes,
-    tp_slice,
-    tp_split_dim,
-)
+from kiln.pretrain.model import DecoderLayer, KilnLlama, LMLoss, RotaryEmbedding
 
 DECODER_STAGE_TYPE = "type:DecoderStage"
 
 
-def _backend(cfg: ModelConfig) -> str:
-    return "auto" if cfg.fused_kernels else "torch"
-
-
 class EmbeddingStage(nn.Module):
-    """Token embedding; with ``tied_head`` also an LM head without a weight of its own (it reads
-    ``embed_tokens.weight``, which splits the vocabulary across TP ranks exactly as a column-parallel head)."""
+    """The token embedding; with ``lm_head`` (tied embeddings) also the LM head without a weight of its own,
+    which reads ``embed_tokens.weight`` (``tied_head_forward``) on the last stage."""
 
-    def __init__(self, cfg: ModelConfig, tp_group, dtype: torch.dtype, tied_head: bool = False):
+    def __init__(self, embed_tokens: nn.Module, lm_head: nn.Module | None = None):
         super().__init__()
-        self.tp = TensorParallel(tp_group, cfg, dtype)
-        self.embed_tokens = self.tp.embedding(cfg.vocab_size, cfg.hidden_size)
-        if tied_head:
-            self.lm_head = self.tp.column_linear(cfg.hidden_size, cfg.vocab_size, False, own_weight=False)
+        self.embed_tokens = embed_tokens
+        if lm_head is not None:
+            self.lm_head = lm_head
 
     def forward(self, inputs):
         input_ids, *rest = inputs
-        return (self.embed_tokens(input_ids).transpose(0, 1).contiguous(), *rest)
+        return (self.embed_tokens(input_ids), *rest)
 
 
 def tied_head_forward(stage: EmbeddingStage, h: torch.Tensor) -> torch.Tensor:
@@ -73,113 +58,122 @@ def tied_head_forward(stage: EmbeddingStage, h: torch.Tensor) -> torch.Tensor:
     return stage.lm_head(h, stage.embed_tokens.weight)
 
 
-class DecoderStage(DecoderLayer):
-    """One decoder layer taking and returning ``(h, position_ids[, segment_ids])``; RoPE is recomputed from the
-    position ids (cheap) so that only small integer tensors, not cos/sin, travel between stages."""
+class DecoderStage(nn.Module):
+    """One of the model's decoder layers taking and returning ``(h, position_ids[, segment_ids])``; RoPE is
+    recomputed from the position ids (cheap) so that only small integer tensors, not cos/sin, travel between
+    stages."""
 
-    def __init__(self, cfg: ModelConfig, tp_group, dtype: torch.dtype, layer_idx: int):
-        super().__init__(cfg, TensorParallel(tp_group, cfg, dtype), layer_idx)
-        self.rotary = RotaryEmbedding(cfg)
+    def __init__(self, layer: DecoderLayer, rotary: RotaryEmbedding):
+        super().__init__()
+        self.layer, self.rotary = layer, rotary
 
     def forward(self, inputs):
         h, position_ids, *segments = inputs
         cos, sin = self.rotary(position_ids, h.dtype)
-        return (super().forward(h, cos, sin, segments[0] if segments else None), position_ids, *segments)
+        return (self.layer(h, cos, sin, segments[0] if segments else None), position_ids, *segments)
 
 
 class FinalNormStage(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, norm: nn.Module):
         super().__init__()
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, _backend(cfg), sequence_parallel=False)
+        self.norm = norm
 
     def forward(self, inputs):
         return self.norm(inputs[0])
 
 
 class LMHeadStage(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp_group, dtype: torch.dtype):
+    def __init__(self, lm_head: nn.Module):
         super().__init__()
-        self.tp = TensorParallel(tp_group, cfg, dtype)
-        self.lm_head = self.tp.column_linear(cfg.hidden_size, cfg.vocab_size, False)
+        self.lm_head = lm_head
 
     def forward(self, h):
         return self.lm_head(h)
 
 
 class PipelineLoss:
-    """``loss_fn(logits, (labels, loss_mask))`` for DeepSpeed: token-mean cross-entropy of one micro-batch,
-    computed by ``KilnLlama.loss`` itself (this object has the two attributes that method reads)."""
+    """``loss_fn(logits, (labels, loss_mask))`` for DeepSpeed: the model's ``lm_loss`` (token mean of one
+    micro-batch). A plain callable, not a module, so DeepSpeed does not register it as a submodule."""
 
-    loss = KilnLlama.loss
-
-    def __init__(self, cfg: ModelConfig, tp_group, dtype: torch.dtype):
-        self.tp = TensorParallel(tp_group, cfg, dtype)
-        self.ce_backend = _backend(cfg)
+    def __init__(self, lm_loss: LMLoss):
+        self.lm_loss = lm_loss
         self.__name__ = "PipelineLoss"
 
     def __call__(self, logits: torch.Tensor, targets) -> torch.Tensor:
         labels, loss_mask = targets
-        return self.loss(logits, labels, loss_mask)
+        return self.lm_loss(logits, labels, loss_mask)
 
 
-def layer_specs(cfg: ModelConfig, tp_group, dtype: torch.dtype) -> list:
-    from deepspeed.pipe import LayerSpec, TiedLayerSpec
+@functools.cache
+def _built_tied_spec():
+    """DeepSpeed's ``TiedLayerSpec`` builds its module from a class; this one hands over a module already built
+    (the model's), so the first and the last stage share the model's own embedding."""
+    from deepspeed.pipe import TiedLayerSpec
 
+    class BuiltTiedLayerSpec(TiedLayerSpec):
+        def __init__(self, key: str, module: nn.Module, *, forward_fn=None, tied_weight_attr: str):
+            super().__init__(key, type(module), forward_fn=forward_fn, tied_weight_attr=tied_weight_attr)
+            self.module = module
+
+        def build(self, log=False):
+            return self.module
+
+    return BuiltTiedLayerSpec
+
+
+def pipeline_layers(model: KilnLlama) -> list:
+    """The pipeline layers of ``model`` (modules and tied specs over the model's own modules), in order."""
+    cfg = model.cfg
     tied = cfg.tie_word_embeddings
+    layers: list = []
     if tied:
-        embed = TiedLayerSpec(
-            "embed", EmbeddingStage, cfg, tp_group, dtype, True, tied_weight_attr="embed_tokens.weight"
-        )
+        tied_spec = _built_tied_spec()
+        embed = EmbeddingStage(model.embed_tokens, model.lm_head)
+        layers.append(tied_spec("embed", embed, tied_weight_attr="embed_tokens.weight"))
     else:
-        embed = LayerSpec(EmbeddingStage, cfg, tp_group, dtype)
-    specs = [embed]
-    specs += [LayerSpec(DecoderStage, cfg, tp_group, dtype, i) for i in range(cfg.num_hidden_layers)]
-    specs.append(LayerSpec(FinalNormStage, cfg))
+        layers.append(EmbeddingStage(model.embed_tokens))
+    layers += [DecoderStage(layer, model.rotary) for layer in model.layers]
+    layers.append(FinalNormStage(model.norm))
     if tied:
-        specs.append(
-            TiedLayerSpec(
-                "embed",
-                EmbeddingStage,
-                cfg,
-                tp_group,
-                dtype,
-                True,
-                forward_fn=tied_head_forward,
-                tied_weight_attr="embed_tokens.weight",
-            )
-        )
+        layers.append(tied_spec("embed", embed, forward_fn=tied_head_forward, tied_weight_attr="embed_tokens.weight"))
     else:
-        specs.append(LayerSpec(LMHeadStage, cfg, tp_group, dtype))
-    return specs
+        layers.append(LMHeadStage(model.lm_head))
+    return layers
 
 
-def build_pipeline(
-    cfg: ModelConfig,
-    ctx,
-    *,
-    init_seed: int | None = 0,
-    dtype: torch.dtype = torch.float32,
-    activation_checkpointing: bool = False,
-):
-    """The DeepSpeed ``PipelineModule`` for ``cfg`` on ``ctx``'s topology, weights initialised as KilnLlama's."""
+def stage_modules(model: KilnLlama, pp: int, pp_rank: int) -> list[nn.Module]:
+    """The model's modules that pipeline stage ``pp_rank`` of ``pp`` holds (the last stage also holds the
+    embedding when it is tied): the only ones ``parallelize`` materialises on this rank."""
+    parts = stage_partition(model.cfg, pp)
+    n = model.cfg.num_hidden_layers
+    out: list[nn.Module] = []
+    for idx in range(parts[pp_rank], parts[pp_rank + 1]):
+        if idx == 0:
+            out.append(model.embed_tokens)
+        elif idx <= n:
+            out.append(model.layers[idx - 1])
+        elif idx == n + 1:
+            out.append(model.norm)
+        else:
+            out += [model.embed_tokens, model.lm_head] if model.cfg.tie_word_embeddings else [model.lm_head]
+    return out
+
+
+def cut_pipeline(model: KilnLlama, topology) -> nn.Module:
+    """The DeepSpeed ``PipelineModule`` over ``model``'s own modules on ``topology`` (DeepSpeed's
+    ``PipeModelDataParallelTopology``). This rank's stage must already be materialised (``PipelineModule``
+    moves its modules to the device and broadcasts the tied embedding while it is built)."""
     from deepspeed.pipe import PipelineModule
 
-    checkpoint_fn = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
     module = PipelineModule(
-        layers=layer_specs(cfg, ctx.tp_group, dtype),
-        topology=ctx.topology,
-        loss_fn=PipelineLoss(cfg, ctx.tp_group, dtype),
+        layers=pipeline_layers(model),
+        topology=topology,
+        loss_fn=PipelineLoss(model.lm_loss),
         partition_method=DECODER_STAGE_TYPE,
-        activation_checkpoint_interval=1 if activation_checkpointing else 0,
-        activation_checkpoint_func=checkpoint_fn,
-        checkpointable_layers=["DecoderStage"],
     )
-    module.to(dtype)
-    expected = stage_partition(cfg, ctx.layout.pp)
+    expected = stage_partition(model.cfg, topology.get_dim("pipe"))
     if list(module.parts) != expected:
         raise RuntimeError(f"DeepSpeed partitioned the pipeline as {list(module.parts)}, expected {expected}")
-    if init_seed is not None:
-        init_pipeline_weights(module, cfg, init_seed, ctx.tp_rank, ctx.layout.tp)
     return module
 
 
@@ -190,8 +184,8 @@ def model_param_name(pipeline_name: str, num_layers: int) -> str:
     """PipelineModule parameter name -> KilnLlama (= Hugging Face without ``model.``) name.
 
     ``0.embed_tokens.weight`` / ``tied_modules.embed.embed_tokens.weight`` -> ``embed_tokens.weight``;
-    ``<1+i>.self_attn.q_proj.weight`` -> ``layers.<i>.self_attn.q_proj.weight``; ``<L+1>.norm.weight`` ->
-    ``norm.weight``; ``<L+2>.lm_head.weight`` -> ``lm_head.weight``.
+    ``<1+i>.layer.self_attn.q_proj.weight`` -> ``layers.<i>.self_attn.q_proj.weight``; ``<L+1>.norm.weight``
+    -> ``norm.weight``; ``<L+2>.lm_head.weight`` -> ``lm_head.weight``.
     """
     if pipeline_name.startswith("tied_modules.embed."):
         return pipeline_name[len("tied_modules.embed.") :]
@@ -200,29 +194,10 @@ def model_param_name(pipeline_name: str, num_layers: int) -> str:
         raise ValueError(f"not a pipeline parameter name: {pipeline_name!r}")
     idx, rest = int(m.group(1)), m.group(2)
     if 1 <= idx <= num_layers:
-        return f"layers.{idx - 1}.{rest}"
+        if not rest.startswith("layer."):
+            raise ValueError(f"not a pipeline parameter name: {pipeline_name!r}")
+        return f"layers.{idx - 1}.{rest[len('layer.') :]}"
     return rest
-
-
-@torch.no_grad()
-def init_pipeline_weights(module: nn.Module, cfg: ModelConfig, seed: int, tp_rank: int, tp_size: int) -> None:
-    """KilnLlama.init_weights for the parameters this rank holds: every full tensor is drawn in the same order
-    from the same generator (also the ones other stages own, to keep the stream aligned) and sliced for TP."""
-    local: dict[str, list[torch.nn.Parameter]] = {}
-    for name, p in module.named_parameters():
-        local.setdefault(model_param_name(name, cfg.num_hidden_layers), []).append(p)
-    gen = torch.Generator().manual_seed(seed)
-    std = 0.02
-    out_std = std / math.sqrt(2 * cfg.num_hidden_layers)
-    for name, shape in full_shapes(cfg).items():
-        if name.endswith("norm.weight"):
-            full = torch.ones(shape)
-        elif name.endswith(".bias"):
-            full = torch.zeros(shape)
-        else:
-            full = torch.randn(shape, generator=gen) * (out_std if tp_split_dim(name) == 1 else std)
-        for p in local.get(name, ()):
-            p.copy_(tp_slice(name, full, tp_rank, tp_size))
 
 
 def stage_partition(cfg: ModelConfig, pp: int) -> list[int]:
@@ -250,10 +225,10 @@ __all__ = [
     "FinalNormStage",
     "LMHeadStage",
     "PipelineLoss",
-    "build_pipeline",
-    "init_pipeline_weights",
-    "layer_specs",
+    "cut_pipeline",
     "model_param_name",
-    "stage_partition",
+    "pipeline_layers",
     "stage_layer_names",
+    "stage_modules",
+    "stage_partition",
 ]

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from kiln.pretrain.recipe import Layout
+from kiln.parallel.layout import Layout
 
 
 @dataclass

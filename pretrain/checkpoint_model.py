@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from kiln.config import apply_overrides, build_dataclass
+from kiln.parallel.tensor_parallel import tp_slice, tp_split_dim
 from kiln.pretrain.checkpoint import (
     META_FILE,
     MODEL_FILE,
@@ -24,7 +25,7 @@ from kiln.pretrain.checkpoint import (
     checkpoint_format,
 )
 from kiln.pretrain.config import ModelConfig
-from kiln.pretrain.model import KilnLlama, check_full_shapes, tp_slice, tp_split_dim
+from kiln.pretrain.model import KilnLlama, check_full_shapes
 
 
 def is_training_checkpoint(path: str | os.PathLike) -> bool:
@@ -81,7 +82,9 @@ def load_checkpoint_model(
     path = Path(path)
     cfg = checkpoint_config(path, **ours)
     cfg.validate_tp(tp_size)
-    model = KilnLlama(cfg, tp_group, init_seed=None, dtype=dtype)
+    from kiln.pretrain.hf_io import empty_model
+
+    model = empty_model(cfg, tp_group, dtype)
     if checkpoint_format(path) == "sharded":
         _load_sharded_weights(model, path / SHARDED_DIR, tp_rank, tp_size)
     else:

@@ -95,6 +95,13 @@ class ModelConfig:
             self.head_dim = self.hidden_size // self.num_attention_heads
 
     @property
+    def kernel_backend(self) -> str:
+        """The ``backend=`` of every fused-kernel call (RMSNorm, RoPE, SwiGLU, cross-entropy): "auto" picks the
+        Triton kernel where it runs, "torch" forces the plain PyTorch path. Decided here once so that no layer
+        re-derives it from ``fused_kernels``."""
+        return "auto" if self.fused_kernels else "torch"
+
+    @property
     def rope_type(self) -> str:
         if not self.rope_scaling:
             return "default"

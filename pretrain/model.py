@@ -1,38 +1,38 @@
-"""The Kiln decoder: a Llama-architecture transformer (RMSNorm, RoPE, grouped-query attention, SwiGLU MLP),
-tensor-parallel through megatron-core, numerically the same as Hugging Face ``LlamaForCausalLM``.
+"""The Kiln decoder: a Llama-architecture transformer (RMSNorm, RoPE, grouped-query attention, SwiGLU MLP) on one
+device, numerically the same as Hugging Face ``LlamaForCausalLM``.
 
 Read top to bottom:
 
-1. tensor-parallel plumbing: which layer class each projection uses, and how a full-size weight is sliced for
-   a rank (``tp_split_dim``), shared by random init, HF import and HF export;
-2. RoPE (all the Llama variants HF implements: default, linear, dynamic NTK, YaRN, Llama 3);
-3. the blocks: RMSNorm, Attention, MLP, DecoderLayer;
-4. ``KilnLlama``: embedding -> layers -> final norm -> LM head, returning logits or the loss;
-5. ``KVCache`` for generation.
+1. weights: the full shape of every parameter and the one random init (``initial_weights``), shared by every
+   layout (``kiln.parallel`` slices the same full tensors for each rank);
+2. plain layers: ``Linear``, ``Embedding``, ``RMSNorm`` and the loss ``LMLoss``;
+3. RoPE (all the Llama variants HF implements: default, linear, dynamic NTK, YaRN, Llama 3);
+4. the blocks: Attention, MLP, DecoderLayer;
+5. ``KilnLlama``: embedding -> layers -> final norm -> LM head, returning logits or the loss;
+6. ``KVCache`` for generation.
 
 Layout: activations between layers are ``[seq, batch, hidden]`` (Megatron's convention, which its sequence
-parallel collectives and our DeepSpeed pipeline stages assume); attention kernels take ``[batch, seq, heads,
+parallel collectives and the DeepSpeed pipeline stages assume); attention kernels take ``[batch, seq, heads,
 head_dim]``. Parameter names are Hugging Face's without the leading ``model.`` (``layers.3.self_attn.q_proj.
 weight``), so import/export is a rename, not a remap. q/k/v and gate/up stay separate projections (not one
 fused qkv / gate-up matmul) for the same reason, and so that a contiguous row slice is always whole heads.
 
-Tensor parallelism. With a TP process group the projections are megatron-core ``ColumnParallelLinear`` /
-``RowParallelLinear`` / ``VocabParallelEmbedding`` (q/k/v/gate/up and the vocabulary split by output rows, o and
-down split by input columns, one all-reduce after attention and one after the MLP) and the loss is
-``vocab_parallel_cross_entropy``; the same holds for a 1-rank group. Without a group (``tp_group=None``: a laptop,
-``kiln generate``, the HF round trip) the same module uses plain local layers with the same parameter names and
-the same math, so no process group has to be created just to run a model. The tests check that the local path,
-megatron at TP=1 and megatron at TP=2/3 all give Hugging Face's logits.
+This file knows nothing about process groups. Parallelism is applied from outside by
+``kiln.parallel.parallelize`` (torchtitan's shape): its tensor-parallel plan swaps the projections, the
+embedding and the head for megatron-core layers holding this rank's slice, divides the attention's head counts,
+and swaps the two modules whose math changes when the vocabulary is split: ``lm_loss`` (a vocab-parallel
+cross-entropy) and ``gather_logits`` (an all-gather of the vocabulary slices; the identity here). Pipeline
+stages are cut out of these same modules. Build on ``device="meta"`` to parallelise a model too big for one
+device; ``parallelize`` then materialises and initialises only this rank's parameters with ``initial_weights``.
 """
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import math
-import sys
+from collections.abc import Iterator
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -41,29 +41,10 @@ from kiln.config import ConfigError
 from kiln.pretrain.config import ModelConfig
 
 # ---------------------------------------------------------------------------------------------------------------
-# 1. Tensor-parallel plumbing
+# 1. Weights
 
-# Which dimension of each full-size parameter is split across TP ranks (None: replicated on every rank).
-COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "embed_tokens", "lm_head")
-ROW_PARALLEL = ("o_proj", "down_proj")
-
-
-def tp_split_dim(name: str) -> int | None:
-    """0 for column-parallel weights/biases and the vocabulary, 1 for row-parallel weights, None if replicated."""
-    module = name.split(".")[-2]
-    if module in COLUMN_PARALLEL:
-        return 0
-    if module in ROW_PARALLEL and name.endswith(".weight"):
-        return 1
-    return None  # norms, and row-parallel biases (added once, after the all-reduce)
-
-
-def tp_slice(name: str, full: torch.Tensor, tp_rank: int, tp_size: int) -> torch.Tensor:
-    """This rank's contiguous slice of a full-size parameter (whole heads per rank, since heads are contiguous)."""
-    dim = tp_split_dim(name)
-    if dim is None or tp_size == 1:
-        return full
-    return full.chunk(tp_size, dim=dim)[tp_rank]
+INIT_STD = 0.02  # Normal(0, INIT_STD) projections and embeddings (GPT-2 / Megatron)
+RESIDUAL_OUTPUTS = ("o_proj", "down_proj")  # write into the residual stream: std / sqrt(2 * layers)
 
 
 def full_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -95,85 +76,53 @@ def full_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def default_tp_group() -> dist.ProcessGroup | None:
-    """megatron parallel_state's TP group when it was initialised (the training launch), else None. Checked via
-    sys.modules so that single-process use never imports megatron."""
-    ps = sys.modules.get("megatron.core.parallel_state")
-    if ps is not None and ps.model_parallel_is_initialized():
-        return ps.get_tensor_model_parallel_group()
-    return None
-
-
-class TensorParallel:
-    """The TP group a model is split over (None = single process, local layers) and megatron's layer config."""
-
-    def __init__(self, group: dist.ProcessGroup | None, cfg: ModelConfig, dtype: torch.dtype):
-        self.group = group
-        self.size = 1 if group is None else dist.get_world_size(group)
-        self.rank = 0 if group is None else dist.get_rank(group)
-        self.sequence_parallel = cfg.sequence_parallel and self.size > 1
-        self.megatron_config = None
-        if group is not None:
-            from megatron.core import ModelParallelConfig
-
-            self.megatron_config = ModelParallelConfig(
-                tensor_model_parallel_size=self.size,
-                sequence_parallel=self.sequence_parallel,
-                use_cpu_initialization=True,  # allocate on CPU; the weights come from init_weights or a checkpoint
-                perform_initialization=False,
-                params_dtype=dtype,
+def check_full_shapes(cfg: ModelConfig, shapes: dict[str, tuple[int, ...]], source: str = "checkpoint") -> None:
+    """Raise ValueError naming the first tensor whose shape differs from ``cfg``, or that is missing/unexpected."""
+    expected = full_shapes(cfg)
+    for name, shape in expected.items():
+        if name not in shapes:
+            raise ValueError(f"{source}: tensor {name!r} is missing (expected shape {list(shape)})")
+        if tuple(shapes[name]) != shape:
+            raise ValueError(
+                f"{source}: tensor {name!r} has shape {list(shapes[name])} but the config expects {list(shape)}"
             )
-
-    def column_linear(self, in_features: int, out_features: int, bias: bool, own_weight: bool = True) -> nn.Module:
-        if self.group is None:
-            return LocalLinear(in_features, out_features, bias, own_weight)
-        return _megatron_layers()[0](
-            in_features,
-            out_features,
-            config=self.megatron_config,
-            init_method=_no_init,
-            bias=bias,
-            gather_output=False,
-            skip_weight_param_allocation=not own_weight,
-            tp_group=self.group,
-        )
-
-    def row_linear(self, in_features: int, out_features: int, bias: bool) -> nn.Module:
-        if self.group is None:
-            return LocalLinear(in_features, out_features, bias)
-        return _megatron_layers()[1](
-            in_features,
-            out_features,
-            config=self.megatron_config,
-            init_method=_no_init,
-            bias=bias,
-            input_is_parallel=True,
-            skip_bias_add=False,
-            tp_group=self.group,
-        )
-
-    def embedding(self, vocab_size: int, hidden: int) -> nn.Module:
-        if self.group is None:
-            return LocalEmbedding(vocab_size, hidden)
-        return _megatron_layers()[2](
-            vocab_size,
-            hidden,
-            init_method=_no_init,
-            reduce_scatter_embeddings=self.sequence_parallel,
-            config=self.megatron_config,
-            tp_group=self.group,
-        )
+    extra = sorted(set(shapes) - set(expected))
+    if extra:
+        raise ValueError(f"{source}: unexpected tensor(s) for this config: {extra[:5]}")
 
 
-def _no_init(weight: torch.Tensor) -> None:
-    """Layers are allocated empty; KilnLlama.init_weights (or a checkpoint) fills them."""
+def initial_weights(cfg: ModelConfig, seed: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
+    """The random init, as full-size tensors in ``full_shapes`` order, one at a time: Normal(0, 0.02)
+    projections and embeddings, 0.02 / sqrt(2 * layers) for the projections into the residual stream (o_proj,
+    down_proj; GPT-2 / Megatron), ones for norms, zeros for biases.
+
+    The only place the init is written. Every layout draws every tensor from the same generator in this order
+    (also those it does not hold, to keep the stream aligned) and keeps its part, so a run at any TP x PP
+    layout starts from the weights of a 1-rank run. Peak extra memory: one full tensor (the embedding)."""
+    gen = torch.Generator().manual_seed(seed)
+    out_std = INIT_STD / math.sqrt(2 * cfg.num_hidden_layers)
+    for name, shape in full_shapes(cfg).items():
+        if name.endswith("norm.weight"):
+            yield name, torch.ones(shape)
+        elif name.endswith(".bias"):
+            yield name, torch.zeros(shape)
+        else:
+            std = out_std if name.split(".")[-2] in RESIDUAL_OUTPUTS else INIT_STD
+            yield name, torch.randn(shape, generator=gen) * std
 
 
-class LocalLinear(nn.Module):
-    """y = x W^T + b on one process; ``forward(x, weight=...)`` serves a tied LM head (no weight of its own)."""
+# ---------------------------------------------------------------------------------------------------------------
+# 2. Plain layers. Allocated with torch.empty (no init cost; nothing at all on the meta device): the weights come
+# from ``initial_weights`` or a checkpoint. Each is a swap point of kiln.parallel's tensor-parallel plan.
+
+
+class Linear(nn.Module):
+    """y = x W^T + b. ``own_weight=False`` with ``forward(x, weight=...)`` serves a tied LM head, which reads the
+    embedding's weight instead of holding a copy (megatron's ColumnParallelLinear takes the same call)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, own_weight: bool = True):
         super().__init__()
+        self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features)) if own_weight else None
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
 
@@ -181,41 +130,62 @@ class LocalLinear(nn.Module):
         return F.linear(x, self.weight if weight is None else weight, self.bias)
 
 
-class LocalEmbedding(nn.Module):
+class Embedding(nn.Module):
+    """Token ids [batch, seq] -> [seq, batch, hidden]: the transpose to the between-layers layout happens here,
+    because under sequence parallelism the TP embedding does it itself (before scattering the sequence)."""
+
     def __init__(self, vocab_size: int, hidden: int):
         super().__init__()
+        self.num_embeddings, self.embedding_dim = vocab_size, hidden
         self.weight = nn.Parameter(torch.empty(vocab_size, hidden))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, self.weight)
+        return F.embedding(ids, self.weight).transpose(0, 1).contiguous()
 
 
-@functools.cache
-def _megatron_layers():
-    """megatron-core layers returning just the output (not (output, bias)), imported on first TP use: importing
-    megatron.core takes seconds, which single-process users (``kiln generate``) should not pay."""
-    from megatron.core import tensor_parallel as tpl
+class RMSNorm(nn.Module):
+    def __init__(self, hidden: int, eps: float, backend: str):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(hidden))
+        self.eps, self.backend = eps, backend
 
-    class ColumnParallelLinear(tpl.ColumnParallelLinear):
-        # megatron adds an always-None `_extra_state` entry to state dicts; plain torch behaviour keeps ours clean
-        get_extra_state = nn.Module.get_extra_state
-        set_extra_state = nn.Module.set_extra_state
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """norm(x), or with ``residual``: (norm(x + residual), x + residual) in one fused kernel."""
+        return kernels.rms_norm(x, self.weight, self.eps, residual=residual, backend=self.backend)
 
-        def forward(self, x, weight=None):
-            return super().forward(x, weight)[0]
 
-    class RowParallelLinear(tpl.RowParallelLinear):
-        get_extra_state = nn.Module.get_extra_state
-        set_extra_state = nn.Module.set_extra_state
+class LMLoss(nn.Module):
+    """Cross-entropy of [seq, batch, vocab] logits against [batch, seq] labels (already aligned: labels[:, t]
+    is the target after token t); -100 and ``loss_mask == 0`` positions get no loss.
 
-        def forward(self, x):
-            return super().forward(x)[0]
+    ``per_token`` is the part tensor parallelism replaces (a vocab-parallel cross-entropy over vocabulary
+    slices, which never gathers the logits); the masking and the reduction stay here, written once."""
 
-    return ColumnParallelLinear, RowParallelLinear, tpl.VocabParallelEmbedding
+    def __init__(self, backend: str):
+        super().__init__()
+        self.backend = backend
+
+    def per_token(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """[seq, batch, vocab] logits, [seq, batch] labels -> [seq, batch] losses (any value where label -100)."""
+        return kernels.cross_entropy(logits, labels, reduction="none", backend=self.backend)
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor, loss_mask=None, reduction: str = "mean"):
+        """reduction: "mean" over counted tokens, "sum", or "none" ([batch, seq], zero where not counted)."""
+        if reduction not in ("mean", "sum", "none"):
+            raise ValueError(f"reduction must be mean | sum | none, got {reduction!r}")
+        labels = labels.transpose(0, 1).contiguous()
+        weight = (labels != -100).float()
+        if loss_mask is not None:
+            weight = weight * loss_mask.transpose(0, 1).float()
+        per_token = self.per_token(logits, labels).view_as(weight) * weight
+        if reduction == "none":
+            return per_token.transpose(0, 1)
+        total = per_token.sum()
+        return total if reduction == "sum" else total / weight.sum().clamp(min=1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 2. Rotary position embeddings
+# 3. Rotary position embeddings
 
 
 def rope_inv_freq(cfg: ModelConfig, seq_len: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
@@ -292,8 +262,10 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        # A plain attribute, not a buffer: model.to(bfloat16) must not round the frequencies.
-        self.inv_freq, self.scale = rope_inv_freq(cfg)
+        # A plain attribute, not a buffer: model.to(bfloat16) must not round the frequencies. Computed on the CPU
+        # even inside a `with torch.device("meta")` build: they are data, not parameters.
+        with torch.device("cpu"):
+            self.inv_freq, self.scale = rope_inv_freq(cfg)
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """position_ids [batch, seq] -> cos, sin [batch, seq, head_dim] (fp32 math, cast to ``dtype``)."""
@@ -319,37 +291,24 @@ def positions_from_segments(segment_ids: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 3. Blocks
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, hidden: int, eps: float, backend: str, sequence_parallel: bool):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(hidden))
-        self.eps, self.backend = eps, backend
-        # Under sequence parallelism each rank sees a slice of the sequence, so this weight's gradient must be
-        # all-reduced over the TP group; megatron's convention is to tag such parameters.
-        self.weight.sequence_parallel = sequence_parallel
-
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        """norm(x), or with ``residual``: (norm(x + residual), x + residual) in one fused kernel."""
-        return kernels.rms_norm(x, self.weight, self.eps, residual=residual, backend=self.backend)
+# 4. Blocks
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp: TensorParallel, layer_idx: int):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
         self.head_dim = cfg.head_dim
-        self.n_heads = cfg.num_attention_heads // tp.size  # heads on this rank
-        self.n_kv_heads = cfg.num_key_value_heads // tp.size
+        # heads this module computes: all of them here; tensor parallelism divides both (whole heads per rank)
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv_heads = cfg.num_key_value_heads
         self.backend = cfg.attention_backend
-        self.rope_backend = "auto" if cfg.fused_kernels else "torch"
+        self.rope_backend = cfg.kernel_backend
         q_out, kv_out = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
-        self.q_proj = tp.column_linear(cfg.hidden_size, q_out, cfg.attention_bias)
-        self.k_proj = tp.column_linear(cfg.hidden_size, kv_out, cfg.attention_bias)
-        self.v_proj = tp.column_linear(cfg.hidden_size, kv_out, cfg.attention_bias)
-        self.o_proj = tp.row_linear(q_out, cfg.hidden_size, cfg.attention_bias)
+        self.q_proj = Linear(cfg.hidden_size, q_out, cfg.attention_bias)
+        self.k_proj = Linear(cfg.hidden_size, kv_out, cfg.attention_bias)
+        self.v_proj = Linear(cfg.hidden_size, kv_out, cfg.attention_bias)
+        self.o_proj = Linear(q_out, cfg.hidden_size, cfg.attention_bias)
 
     def forward(self, x, cos, sin, segment_ids=None, kv_cache: KVCache | None = None):
         # x: [seq, batch, hidden] ([seq/tp, ...] under sequence parallelism: the q/k/v projections gather it)
@@ -373,25 +332,24 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp: TensorParallel):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.backend = "auto" if cfg.fused_kernels else "torch"
-        self.gate_proj = tp.column_linear(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
-        self.up_proj = tp.column_linear(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
-        self.down_proj = tp.row_linear(cfg.intermediate_size, cfg.hidden_size, cfg.mlp_bias)
+        self.backend = cfg.kernel_backend
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, cfg.mlp_bias)
 
     def forward(self, x):
         return self.down_proj(kernels.swiglu(self.gate_proj(x), self.up_proj(x), backend=self.backend))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp: TensorParallel, layer_idx: int):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
-        backend = "auto" if cfg.fused_kernels else "torch"
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, backend, tp.sequence_parallel)
-        self.self_attn = Attention(cfg, tp, layer_idx)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, backend, tp.sequence_parallel)
-        self.mlp = MLP(cfg, tp)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.kernel_backend)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.kernel_backend)
+        self.mlp = MLP(cfg)
 
     def forward(self, x, cos, sin, segment_ids=None, kv_cache=None):
         attn = self.self_attn(self.input_layernorm(x), cos, sin, segment_ids, kv_cache)
@@ -400,114 +358,76 @@ class DecoderLayer(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 4. The model
+# 5. The model
 
 
 class KilnLlama(nn.Module):
-    """Llama decoder. ``tp_group``: the tensor-parallel process group; "auto" (default) takes megatron
-    parallel_state's TP group when initialised, else runs unsharded; None forces one process, no TP.
+    """Llama decoder on one device.
 
-    ``init_seed``: fill the weights with the same full-size random init on every rank (each keeps its slice);
-    None leaves them uninitialised for a checkpoint to fill (``kiln.pretrain.hf_io``).
+    ``init_seed``: fill the weights with ``initial_weights(cfg, init_seed)``; None leaves them uninitialised for
+    a checkpoint to fill (``kiln.pretrain.hf_io``). ``device="meta"``: allocate nothing (shapes only) and skip
+    the init, for ``kiln.parallel.parallelize`` to split first and then materialise only this rank's part.
     """
 
     def __init__(
         self,
         cfg: ModelConfig,
-        tp_group: dist.ProcessGroup | None | str = "auto",
         *,
         init_seed: int | None = 0,
         dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
     ):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
-        if isinstance(tp_group, str):
-            if tp_group != "auto":
-                raise ValueError(f"tp_group must be a process group, None or 'auto', got {tp_group!r}")
-            tp_group = default_tp_group()
-        self.tp = TensorParallel(tp_group, cfg, dtype)
-        cfg.validate_tp(self.tp.size)
-        if self.tp.sequence_parallel and not torch.cuda.is_available():
-            raise ConfigError(
-                "model.sequence_parallel needs CUDA: megatron-core's sequence-parallel collectives allocate their "
-                "buffers on torch.cuda.current_device()"
-            )
-        backend = "auto" if cfg.fused_kernels else "torch"
-        self.ce_backend = backend
-        self.embed_tokens = self.tp.embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, self.tp, i) for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, backend, self.tp.sequence_parallel)
-        # A tied head reads embed_tokens.weight (both split the vocabulary the same way across ranks).
-        self.lm_head = self.tp.column_linear(
-            cfg.hidden_size, cfg.vocab_size, False, own_weight=not cfg.tie_word_embeddings
-        )
-        self.rotary = RotaryEmbedding(cfg)
+        backend = cfg.kernel_backend
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
+            self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+            self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, backend)
+            # A tied head reads embed_tokens.weight (under TP both split the vocabulary the same way).
+            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, False, own_weight=not cfg.tie_word_embeddings)
+            self.rotary = RotaryEmbedding(cfg)
+            self.lm_loss = LMLoss(backend)
+            # The logits hold the whole vocabulary here; under TP this becomes an all-gather of the slices.
+            self.gather_logits = nn.Identity()
         self.to(dtype)
-        if init_seed is not None:
+        if init_seed is not None and not self.embed_tokens.weight.is_meta:
             self.init_weights(init_seed)
 
     # --- weights ---
 
     @torch.no_grad()
-    def init_weights(self, seed: int = 0, std: float = 0.02) -> None:
-        """Normal(0, std) projections and embeddings, std / sqrt(2 * layers) for the residual outputs (o_proj,
-        down_proj; GPT-2 / Megatron), ones for norms, zeros for biases. Every rank draws the same full tensors in
-        the same order and keeps its slice, so the model is identical at any TP size."""
-        gen = torch.Generator().manual_seed(seed)
+    def init_weights(self, seed: int = 0) -> None:
+        """``initial_weights(cfg, seed)`` into this (full-size) model."""
         params = dict(self.named_parameters())
-        out_std = std / math.sqrt(2 * self.cfg.num_hidden_layers)
-        for name, shape in full_shapes(self.cfg).items():
-            if name.endswith("norm.weight"):
-                full = torch.ones(shape)
-            elif name.endswith(".bias"):
-                full = torch.zeros(shape)
-            else:
-                scale = out_std if tp_split_dim(name) == 1 else std
-                full = torch.randn(shape, generator=gen) * scale
-            params[name].copy_(tp_slice(name, full, self.tp.rank, self.tp.size))
+        for name, full in initial_weights(self.cfg, seed):
+            params[name].copy_(full)
 
     @torch.no_grad()
     def load_full_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Copy full-size tensors (our names) into this rank's slices; shapes are checked first."""
+        """Copy full-size tensors (our names) into this model; shapes are checked first. A model split by
+        tensor parallelism loads through ``kiln.parallel.load_full_state_dict``, which slices."""
         check_full_shapes(self.cfg, {k: tuple(v.shape) for k, v in tensors.items()})
         params = dict(self.named_parameters())
         for name, full in tensors.items():
-            params[name].copy_(tp_slice(name, full, self.tp.rank, self.tp.size))
+            params[name].copy_(full)
 
     @torch.no_grad()
-    def full_state_dict(self, dst: int | None = None) -> dict[str, torch.Tensor]:
-        """Full-size parameters (our names). At TP>1 the slices are gathered onto group rank ``dst`` (all ranks
-        must call this; only that rank gets tensors, the others get an empty dict); ``dst=None`` gathers to all."""
-        out = {}
-        for name, p in self.named_parameters():
-            dim = tp_split_dim(name)
-            if self.tp.size == 1 or dim is None:
-                out[name] = p.detach().clone()
-                continue
-            parts = [torch.empty_like(p) for _ in range(self.tp.size)]
-            if dst is None:
-                dist.all_gather(parts, p.detach().contiguous(), group=self.tp.group)
-            else:
-                root = dist.get_global_rank(self.tp.group, dst)
-                dist.gather(
-                    p.detach().contiguous(), parts if self.tp.rank == dst else None, dst=root, group=self.tp.group
-                )
-                if self.tp.rank != dst:
-                    continue
-            out[name] = torch.cat(parts, dim=dim)
-        return out if (dst is None or self.tp.rank == dst or self.tp.size == 1) else {}
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Copies of the parameters (our names). Refuses a model whose parameters are slices (split by tensor
+        parallelism: ``kiln.parallel.full_state_dict`` gathers those) rather than return them as if whole."""
+        out = {name: p.detach().clone() for name, p in self.named_parameters()}
+        try:
+            check_full_shapes(self.cfg, {k: tuple(v.shape) for k, v in out.items()}, source="this model")
+        except ValueError as e:
+            raise ValueError(f"{e}: it holds slices; kiln.parallel.full_state_dict(model) gathers them") from None
+        return out
 
     # --- forward ---
 
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """[batch, seq] token ids -> [seq, batch, hidden] ([seq/tp, batch, hidden] under sequence parallelism)."""
-        if self.tp.sequence_parallel:
-            return self.embed_tokens(input_ids)  # megatron transposes and reduce-scatters along the sequence
-        return self.embed_tokens(input_ids).transpose(0, 1).contiguous()
-
     def head(self, h: torch.Tensor) -> torch.Tensor:
-        """Final norm and LM head: [seq, batch, hidden] -> this rank's vocabulary slice [seq, batch, vocab/tp]."""
+        """Final norm and LM head: [seq, batch, hidden] -> logits [seq, batch, vocab] (a slice under TP)."""
         weight = self.embed_tokens.weight if self.cfg.tie_word_embeddings else None
         return self.lm_head(self.norm(h), weight)
 
@@ -518,10 +438,11 @@ class KilnLlama(nn.Module):
         segment_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         loss_mask: torch.Tensor | None = None,
+        *,
         kv_cache: KVCache | None = None,
         reduction: str = "mean",
     ) -> torch.Tensor:
-        """input_ids [batch, seq] -> logits [batch, seq, vocab] (full vocabulary on every rank), or the loss.
+        """input_ids [batch, seq] -> logits [batch, seq, vocab] (the full vocabulary), or the loss.
 
         labels [batch, seq] are already aligned with the inputs (labels[:, t] is the target after token t);
         -100 and loss_mask == 0 positions get no loss. reduction: "mean" over counted tokens, "sum", or "none"
@@ -538,90 +459,26 @@ class KilnLlama(nn.Module):
             else:
                 start = kv_cache.length if kv_cache is not None else 0
                 position_ids = torch.arange(start, start + s, device=input_ids.device).expand(b, s)
-        h = self.embed(input_ids)
+        h = self.embed_tokens(input_ids)
         cos, sin = self.rotary(position_ids, h.dtype)
         for layer in self.layers:
             h = layer(h, cos, sin, segment_ids, kv_cache)
         if kv_cache is not None:
             kv_cache.advance(s)
-        logits = self.head(h)  # [seq, batch, vocab/tp]
+        logits = self.head(h)
         if labels is None:
-            return self.gather_vocab(logits).transpose(0, 1)
-        return self.loss(logits, labels, loss_mask, reduction)
-
-    def gather_vocab(self, logits: torch.Tensor) -> torch.Tensor:
-        """Concatenate the vocabulary slices of all TP ranks (differentiable)."""
-        if self.tp.size == 1:
-            return logits
-        return _GatherLastDim.apply(logits, self.tp.group)
-
-    def loss(self, logits: torch.Tensor, labels: torch.Tensor, loss_mask=None, reduction: str = "mean"):
-        """Cross-entropy of [seq, batch, vocab/tp] logits against [batch, seq] labels, never gathering the vocab."""
-        if reduction not in ("mean", "sum", "none"):
-            raise ValueError(f"reduction must be mean | sum | none, got {reduction!r}")
-        labels = labels.transpose(0, 1).contiguous()
-        weight = (labels != -100).float()
-        if loss_mask is not None:
-            weight = weight * loss_mask.transpose(0, 1).float()
-        if self.tp.size == 1:
-            per_token = kernels.cross_entropy(logits, labels, reduction="none", backend=self.ce_backend)
-        else:
-            from megatron.core import parallel_state
-            from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
-
-            # megatron's vocab-parallel loss reduces over parallel_state's TP group, not a group argument
-            if parallel_state.get_tensor_model_parallel_group(check_initialized=False) is not self.tp.group:
-                raise ValueError(
-                    "the TP loss needs megatron parallel_state initialised with this model's TP group "
-                    "(parallel_state.initialize_model_parallel(tensor_model_parallel_size=...))"
-                )
-            per_token = vocab_parallel_cross_entropy(logits.float(), labels.clamp(min=0))
-        per_token = per_token.view_as(weight) * weight
-        if reduction == "none":
-            return per_token.transpose(0, 1)
-        total = per_token.sum()
-        return total if reduction == "sum" else total / weight.sum().clamp(min=1)
+            return self.gather_logits(logits).transpose(0, 1)
+        return self.lm_loss(logits, labels, loss_mask, reduction)
 
     def new_kv_cache(self, batch: int, max_len: int) -> KVCache:
+        """An empty cache for the key/value heads this model computes (this rank's, under TP)."""
         p = next(self.parameters())
-        shape = (self.cfg.num_hidden_layers, batch, max_len, self.cfg.num_key_value_heads // self.tp.size)
+        shape = (self.cfg.num_hidden_layers, batch, max_len, self.layers[0].self_attn.n_kv_heads)
         return KVCache(shape + (self.cfg.head_dim,), p.dtype, p.device)
 
 
-class _GatherLastDim(torch.autograd.Function):
-    """All-gather along the last dimension; backward keeps this rank's slice (every TP rank holds the same
-    upstream gradient). Megatron's gather_from_tensor_model_parallel_region does this but allocates on CUDA."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, x.contiguous(), group=group)
-        return torch.cat(parts, dim=-1)
-
-    @staticmethod
-    def backward(ctx, grad):
-        n, rank = dist.get_world_size(ctx.group), dist.get_rank(ctx.group)
-        return grad.chunk(n, dim=-1)[rank].contiguous(), None
-
-
-def check_full_shapes(cfg: ModelConfig, shapes: dict[str, tuple[int, ...]], source: str = "checkpoint") -> None:
-    """Raise ValueError naming the first tensor whose shape differs from ``cfg``, or that is missing/unexpected."""
-    expected = full_shapes(cfg)
-    for name, shape in expected.items():
-        if name not in shapes:
-            raise ValueError(f"{source}: tensor {name!r} is missing (expected shape {list(shape)})")
-        if tuple(shapes[name]) != shape:
-            raise ValueError(
-                f"{source}: tensor {name!r} has shape {list(shapes[name])} but the config expects {list(shape)}"
-            )
-    extra = sorted(set(shapes) - set(expected))
-    if extra:
-        raise ValueError(f"{source}: unexpected tensor(s) for this config: {extra[:5]}")
-
-
 # ---------------------------------------------------------------------------------------------------------------
-# 5. KV cache
+# 6. KV cache
 
 
 class KVCache:
@@ -647,14 +504,19 @@ class KVCache:
 
 
 __all__ = [
-    "KilnLlama",
+    "INIT_STD",
+    "DecoderLayer",
+    "Embedding",
     "KVCache",
+    "KilnLlama",
+    "LMLoss",
+    "Linear",
     "ModelConfig",
+    "RMSNorm",
     "RotaryEmbedding",
     "check_full_shapes",
     "full_shapes",
+    "initial_weights",
     "positions_from_segments",
     "rope_inv_freq",
-    "tp_slice",
-    "tp_split_dim",
 ]

@@ -21,39 +21,10 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from kiln.config import ConfigError, load_config, to_dict
+from kiln.parallel.layout import Layout, ParallelConfig
 
 # DataConfig from kiln.pretrain.config, not kiln.pretrain.data: the latter imports torch.
 from kiln.pretrain.config import DataConfig, ModelConfig
-
-
-@dataclass
-class ParallelConfig:
-    """Tensor x pipeline x data parallelism, ZeRO, batch sizes (in samples of ``data.seq_length`` tokens)."""
-
-    tp: int = 1
-    pp: int = 1
-    dp: int = -1  # -1: derived as world_size // (tp * pp)
-    zero_stage: int = 1
-    micro_batch: int = 1  # samples per micro-batch per data-parallel rank
-    global_batch: int = 8  # samples per optimizer step, over all data-parallel ranks
-    activation_checkpointing: bool = False
-    collective_timeout_s: float = 600.0  # a collective that waits longer ends the job instead of hanging it
-
-    def validate(self) -> None:
-        for name in ("tp", "pp", "micro_batch", "global_batch"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.dp != -1 and self.dp < 1:
-            raise ValueError(f"dp must be >= 1 or -1 (derived from the world size), got {self.dp}")
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
-        if self.zero_stage >= 2 and self.pp > 1:
-            raise ValueError(
-                f"zero_stage={self.zero_stage} cannot be combined with pipeline parallelism "
-                f"(pp={self.pp}): DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 only"
-            )
-        if not self.collective_timeout_s > 0:
-            raise ValueError(f"collective_timeout_s must be > 0, got {self.collective_timeout_s}")
 
 
 @dataclass
@@ -309,20 +280,6 @@ class TrainRecipe:
         return to_dict(self)
 
 
-@dataclass(frozen=True)
-class Layout:
-    tp: int
-    pp: int
-    dp: int
-
-    @property
-    def world_size(self) -> int:
-        return self.tp * self.pp * self.dp
-
-    def __str__(self) -> str:
-        return f"TP{self.tp} x PP{self.pp} x DP{self.dp}"
-
-
 def load_recipe(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainRecipe:
     """Read a recipe YAML, apply ``key=value`` overrides, validate (not yet against a world size)."""
     return load_config(TrainRecipe, path, overrides)
@@ -332,9 +289,7 @@ __all__ = [
     "BatchRampupConfig",
     "CheckpointConfig",
     "EvalConfig",
-    "Layout",
     "OptimizerConfig",
-    "ParallelConfig",
     "ScheduleConfig",
     "SyntheticDataConfig",
     "TrainRecipe",

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from kiln.config import ConfigError, load_config, to_dict
+from kiln.parallel import parallelize
 from kiln.pretrain.config import ModelConfig, from_hf_config, to_hf_config
 from kiln.pretrain.hf_io import export_hf, import_hf, import_hf_model
 from kiln.pretrain.model import KilnLlama, positions_from_segments
@@ -143,11 +144,11 @@ def test_megatron_layers_at_tp1_equal_local_layers():
         num_key_value_heads=2, head_dim=16, tie_word_embeddings=False, attention_bias=True,
     )  # fmt: skip
     x, labels = ids(seq=12), ids(seq=12, seed=2)
-    local = KilnLlama(cfg, None, init_seed=3)
+    local = KilnLlama(cfg, init_seed=3)
     local_loss = local(x, labels=labels)
     local_loss.backward()
     with single_process_group() as group:
-        mega = KilnLlama(cfg, group, init_seed=3)
+        mega = parallelize(KilnLlama(cfg, init_seed=3), group)  # a 1-rank TP group: megatron's layers
         assert type(mega.layers[0].self_attn.q_proj).__name__ == "ColumnParallelLinear"
         assert set(mega.state_dict()) == set(local.state_dict())
         with torch.no_grad():
@@ -161,6 +162,8 @@ def test_megatron_layers_at_tp1_equal_local_layers():
 
 
 def _tp2_worker(rank, world_size, hf_dir, out_dir):
+    from kiln.parallel import full_state_dict
+    from kiln.parallel.tensor_parallel import default_tp_group
     from kiln.pretrain.hf_io import export_hf, import_hf
 
     cfg = ModelConfig(
@@ -168,7 +171,8 @@ def _tp2_worker(rank, world_size, hf_dir, out_dir):
         num_key_value_heads=2, head_dim=16, tie_word_embeddings=True,
     )  # fmt: skip
     x, labels = ids(seq=12), ids(seq=12, seed=2)
-    fresh = KilnLlama(cfg, init_seed=3)  # TP group from megatron parallel_state
+    # built on the meta device, split over megatron parallel_state's TP group, then initialised (its slices only)
+    fresh = parallelize(KilnLlama(cfg, device="meta"), default_tp_group(), init_seed=3)
     loss = fresh(x, labels=labels)
     loss.backward()
     with torch.no_grad():
@@ -178,7 +182,7 @@ def _tp2_worker(rank, world_size, hf_dir, out_dir):
     fresh.zero_grad()
     fresh(x).pow(2).mean().backward()  # through the vocabulary all-gather
     embed_grad = fresh.embed_tokens.weight.grad.clone()
-    full = fresh.full_state_dict()  # gathered on every rank
+    full = full_state_dict(fresh)  # gathered on every rank
     imported, _ = import_hf(hf_dir, rank, world_size)
     with torch.no_grad():
         imported_logits = imported(ids())
@@ -207,7 +211,7 @@ def test_tp2_matches_single_process(tmp_path):
         num_key_value_heads=2, head_dim=16, tie_word_embeddings=True,
     )  # fmt: skip
     x, labels = ids(seq=12), ids(seq=12, seed=2)
-    ref = KilnLlama(cfg, None, init_seed=3)
+    ref = KilnLlama(cfg, init_seed=3)
     loss = ref(x, labels=labels)
     loss.backward()
     with torch.no_grad():
@@ -375,7 +379,7 @@ def test_export_import_round_trip_is_exact(tmp_path):
 
 def test_sequence_parallel_needs_tp_and_cuda():
     with pytest.raises(ConfigError, match="sequence_parallel needs tensor parallel size > 1"):
-        KilnLlama(ModelConfig(num_hidden_layers=1, sequence_parallel=True), None)
+        parallelize(KilnLlama(ModelConfig(num_hidden_layers=1, sequence_parallel=True), device="meta"), None)
 
 
 def test_bfloat16_model_tracks_float32():

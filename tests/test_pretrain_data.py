@@ -276,7 +276,7 @@ def test_packed_batch_loss_equals_per_document_loss(corpus):
         vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=8, fused_kernels=False, attention_backend="sdpa",
     )  # fmt: skip
-    model = KilnLlama(cfg, None, init_seed=0)
+    model = KilnLlama(cfg, init_seed=0)
     data = PretrainData(DataConfig(datasets=[DatasetSpec(corpus["a"])], seq_length=48), model_vocab_size=320)
     with_boundaries = [i for i in range(40) if data[i]["segment_ids"].max() >= 1][:3]
     assert len(with_boundaries) == 3

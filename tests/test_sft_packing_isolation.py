@@ -51,7 +51,7 @@ def test_the_second_conversation_does_not_see_the_first(tmp_path):
             num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
             document_masking=masking,
         )  # fmt: skip
-        model = KilnLlama(cfg, tp_group=None, init_seed=0).eval()
+        model = KilnLlama(cfg, init_seed=0).eval()
         original = _logits(model, pack_sample(tokens, mask, starts))
         changed = _logits(model, pack_sample(altered, mask, starts))
         # input position t predicts token t+1: the second conversation's inputs are positions first_len ...

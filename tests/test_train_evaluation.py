@@ -56,7 +56,7 @@ def _train_with_eval(rank: int, world_size: int, overrides: list[str], evaluate:
 
         def on_eval(self, state, metrics):
             weights = engine.full_model_state()
-            model = KilnLlama(recipe.model, tp_group=None, init_seed=None)
+            model = KilnLlama(recipe.model, init_seed=None)
             model.load_full_state_dict(weights)
             total, count = 0.0, 0.0
             with torch.no_grad():

@@ -185,9 +185,9 @@ def _stuck_peer(rank: int, world_size: int) -> str | None:
     import torch
     import torch.distributed as dist
 
+    from kiln.parallel.layout import Layout
     from kiln.parallel.topology import destroy_parallel, init_parallel
     from kiln.pretrain.faults import lost_contact_reason
-    from kiln.pretrain.recipe import Layout
 
     ctx = init_parallel(Layout(tp=1, pp=1, dp=2), timeout_s=2)
     dist.barrier()

@@ -43,8 +43,8 @@ def _stuck_peer(rank: int, world_size: int) -> dict:
     import torch
     import torch.distributed as dist
 
+    from kiln.parallel.layout import Layout
     from kiln.parallel.topology import destroy_parallel, init_parallel
-    from kiln.pretrain.recipe import Layout
 
     ctx = init_parallel(Layout(tp=1, pp=1, dp=2), timeout_s=2)
     later_group = dist.new_group([0, 1])  # created the way DeepSpeed creates its groups: no explicit timeout

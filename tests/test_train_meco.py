@@ -200,7 +200,7 @@ def test_masked_labels_do_not_change_the_loss(run):
     from kiln.pretrain.recipe import load_recipe
 
     cfg: ModelConfig = load_recipe(TINY, ["model.vocab_size=384"]).model
-    model = KilnLlama(cfg, tp_group=None, init_seed=0)
+    model = KilnLlama(cfg, init_seed=0)
     mb = run["received"][0][0]
     masked = mb["loss_mask"] == 0
     assert masked.sum() >= 2 * 5  # at least the BOS and a prefix in each sample

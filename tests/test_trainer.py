@@ -13,11 +13,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from kiln.parallel.layout import Layout
 from kiln.pretrain.callbacks import Callback, Checkpointer, MetricsFile, NanGuard, read_metrics
 from kiln.pretrain.checkpoint import CheckpointManager
 from kiln.pretrain.engine.batches import SyntheticTokens
 from kiln.pretrain.evaluate import Evaluator
-from kiln.pretrain.recipe import Layout, load_recipe
+from kiln.pretrain.recipe import load_recipe
 from kiln.pretrain.train_module import TrainModule
 from kiln.pretrain.trainer import Trainer
 

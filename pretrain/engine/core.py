@@ -1,17 +1,20 @@
 """One optimizer step at any TP x PP x DP layout: ``TrainEngine.train_batch(micro_batches, global_batch, lr)``.
 
+The model is the plain ``KilnLlama``, built on the meta device and split for this rank by
+``kiln.parallel.parallelize`` (TP slices, pipeline stage, activation checkpointing, local init).
+
 * PP = 1: ``KilnLlama`` itself (megatron TP layers at TP > 1, plain layers at TP = 1) in a DeepSpeed engine
   with ZeRO 0-3 over the data-parallel group; ``kiln.parallel.topology.MegatronMPU`` tells DeepSpeed the groups.
   The loop runs the micro-batches (forward, ``engine.backward``, ``engine.step`` which only updates at the
   gradient-accumulation boundary).
-* PP > 1: the pipeline of ``kiln.parallel.pipeline`` in DeepSpeed's 1F1B ``PipelineEngine`` (ZeRO 0/1), which pulls
-  the micro-batches from an iterator on the first and last stage.
+* PP > 1: the pipeline stages of ``kiln.parallel.pipeline`` (cut out of the same model) in DeepSpeed's 1F1B
+  ``PipelineEngine`` (ZeRO 0/1), which pulls the micro-batches from an iterator on the first and last stage.
 
 Either way the step's loss is the mean of the micro-batch losses of the whole global batch, on every rank.
 
 A single replica (DP = 1, PP = 1, fp32) runs ZeRO 0 whatever stage the recipe asks for, without DeepSpeed's
 (1-rank) backward all-reduce, and clips the gradients here so that ``grad_norm`` is reported
-(``kiln.parallel.zero.effective_zero_stage``).
+(``kiln.pretrain.engine.zero.effective_zero_stage``).
 
 NaN/inf loss (``NanGuard`` counts it, marks the step skipped, stops after ``max_nan_steps``):
 
@@ -32,25 +35,18 @@ Checkpoints are not written once NanGuard stops the run.
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from kiln.parallel.pipeline import build_pipeline, model_param_name
+from kiln.parallel import parallelize
+from kiln.parallel.pipeline import model_param_name
+from kiln.parallel.tensor_parallel import tp_split_dim
 from kiln.parallel.topology import ParallelContext
-from kiln.parallel.zero import (
-    deepspeed_config,
-    effective_zero_stage,
-    mark_tensor_parallel_params,
-    single_replica,
-    weight_decay_groups,
-)
 from kiln.pretrain.engine import deepspeed_adapter
-from kiln.pretrain.model import KilnLlama, positions_from_segments, tp_split_dim
+from kiln.pretrain.engine.zero import deepspeed_config, effective_zero_stage, single_replica, weight_decay_groups
+from kiln.pretrain.model import KilnLlama, positions_from_segments
 from kiln.pretrain.recipe import TrainRecipe
 from kiln.pretrain.train_module import TrainModule
 
@@ -70,32 +66,21 @@ class TrainEngine(TrainModule):
         self.zero_stage = effective_zero_stage(recipe, ctx.layout)
         # one replica (DP = 1, PP = 1, fp32): ZeRO 0, no backward all-reduce (over one rank), our own clipping
         self.single_replica = single_replica(recipe, ctx.layout)
-        if self.pipelined:
-            self.module = build_pipeline(
-                self.cfg,
-                ctx,
-                init_seed=recipe.seed,
-                activation_checkpointing=recipe.parallel.activation_checkpointing,
-            )
-            n_layers = self.cfg.num_hidden_layers
-            mark_tensor_parallel_params(self.module, ctx.layout.tp, lambda name: model_param_name(name, n_layers))
-            groups = weight_decay_groups(self.module.named_parameters(), recipe.optimizer.weight_decay)
-            self.engine, *_ = deepspeed.initialize(model=self.module, model_parameters=groups, config=ds_config)
-        else:
-            self.module = KilnLlama(self.cfg, tp_group=ctx.tp_group, init_seed=recipe.seed)
-            if recipe.parallel.activation_checkpointing:
-                checkpoint_layers(self.module)
-            if self.zero_stage == 3 and self.cfg.tie_word_embeddings:
-                # ZeRO-3 gathers a parameter for the module that owns it; the tied head reads the embedding's
-                # weight from another module, which must be declared.
-                deepspeed.zero.register_external_parameter(self.module, self.module.embed_tokens.weight)
-            mark_tensor_parallel_params(self.module, ctx.layout.tp)
-            groups = weight_decay_groups(self.module.named_parameters(), recipe.optimizer.weight_decay)
-            self.engine, *_ = deepspeed.initialize(
-                model=self.module, model_parameters=groups, config=ds_config, mpu=ctx.mpu
-            )
-            if self.single_replica:
-                self.engine.enable_backward_allreduce = False
+        # The plain model on the meta device (nothing allocated), then this rank's part of it: TP slices, the
+        # pipeline stage, activation checkpointing, and only the local parameters materialised and initialised.
+        model = KilnLlama(self.cfg, device="meta")
+        self.module = parallelize(model, ctx, recipe.parallel, init_seed=recipe.seed)
+        if not self.pipelined and self.zero_stage == 3 and self.cfg.tie_word_embeddings:
+            # ZeRO-3 gathers a parameter for the module that owns it; the tied head reads the embedding's weight
+            # from another module, which must be declared.
+            deepspeed.zero.register_external_parameter(self.module, self.module.embed_tokens.weight)
+        groups = weight_decay_groups(self.module.named_parameters(), recipe.optimizer.weight_decay)
+        # DeepSpeed's PipelineEngine takes its groups from the PipelineModule's topology, the plain engine from
+        # the megatron groups (mpu)
+        mpu = None if self.pipelined else ctx.mpu
+        self.engine, *_ = deepspeed.initialize(model=self.module, model_parameters=groups, config=ds_config, mpu=mpu)
+        if self.single_replica:
+            self.engine.enable_backward_allreduce = False
 
     # --- one step ---
 
@@ -295,13 +280,4 @@ class TrainEngine(TrainModule):
         return sum(deepspeed_adapter.local_numel(p) for p in self.module.parameters())
 
 
-def checkpoint_layers(model: KilnLlama, checkpoint: Callable[..., Any] | None = None) -> None:
-    """Recompute each decoder layer's activations in the backward pass (activation checkpointing), keeping the
-    parameter names (the layer's ``forward`` is wrapped on the instance, not the module replaced)."""
-    checkpoint = checkpoint or functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
-    for layer in model.layers:
-        inner = layer.forward
-        layer.forward = functools.partial(checkpoint, inner)
-
-
-__all__ = ["TrainEngine", "checkpoint_layers"]
+__all__ = ["TrainEngine"]

@@ -27,8 +27,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kiln.pretrain.model import full_shapes, tp_split_dim
-from kiln.pretrain.recipe import Layout, TrainRecipe
+from kiln.parallel.layout import Layout
+from kiln.parallel.tensor_parallel import tp_split_dim
+from kiln.pretrain.model import full_shapes
+from kiln.pretrain.recipe import TrainRecipe
 
 GIB = 1024**3
 

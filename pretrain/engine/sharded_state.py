@@ -24,10 +24,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from kiln.parallel.tensor_parallel import tp_split_dim
 from kiln.pretrain import sharded_io
 from kiln.pretrain.engine import deepspeed_adapter as ds
 from kiln.pretrain.engine.state import MASTER, ensure_adam_state, local_named_params, optimizer_step
-from kiln.pretrain.model import full_shapes, tp_split_dim
+from kiln.pretrain.model import full_shapes
 from kiln.pretrain.shards import Shards
 
 if TYPE_CHECKING:

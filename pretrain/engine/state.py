@@ -9,7 +9,7 @@ fragment of it) is ``kiln.pretrain.engine.deepspeed_adapter``'s to say.
 
 Gathering: each fragment goes into a zero buffer of the (TP-local) parameter's size and the buffers are summed
 over the group the fragments are spread over (DP for ZeRO 1/2, the partition group for ZeRO 3); TP slices are
-concatenated over the TP group (``kiln.pretrain.model.tp_split_dim``); pipeline stages exchange their dicts.
+concatenated over the TP group (``kiln.parallel.tensor_parallel.tp_split_dim``); pipeline stages exchange their dicts.
 Loading slices the full tensors for the current layout: the TP slice (``tp_slice``), then this rank's fragment.
 So a state saved at TP2 x PP2 loads at PP2 x DP2 with ZeRO 1, or at 1 rank.
 """
@@ -22,8 +22,8 @@ import torch
 import torch.distributed as dist
 
 from kiln.parallel.pipeline import model_param_name
+from kiln.parallel.tensor_parallel import tp_slice, tp_split_dim
 from kiln.pretrain.engine import deepspeed_adapter as ds
-from kiln.pretrain.model import tp_slice, tp_split_dim
 
 if TYPE_CHECKING:
     from kiln.pretrain.engine.core import TrainEngine

@@ -1,4 +1,5 @@
-"""DeepSpeed configuration for a recipe: ZeRO stage, batch geometry, AdamW, clipping, precision.
+"""DeepSpeed configuration for a recipe (here, beside the engine, because it reads the recipe, which
+``kiln.parallel`` must not import): ZeRO stage, batch geometry, AdamW, clipping, precision.
 
 ZeRO 1 (optimizer state sharded over DP) is the stage that composes with pipeline parallelism; 2 (also
 gradients) and 3 (also parameters) only run without it (``TrainRecipe`` refuses the combination before any
@@ -8,21 +9,18 @@ ZeRO 0 whatever stage the recipe asks for (``effective_zero_stage``): nothing to
 copy of every gradient into its flat partition per step.
 
 Gradient clipping is global: DeepSpeed sums squared norms of TP-sharded parameters (those with the megatron
-attribute ``tensor_model_parallel``; ``mark_tensor_parallel_params`` sets it, because megatron's layers only
-set it when they initialise their own weights, which ours do not) on every TP rank and of replicated ones (norms, biases of row-parallel layers) on
-TP rank 0 only, then all-reduces over the DP group and the model-parallel (TP x PP) group; tied-embedding
-copies on the last stage are marked ``ds_pipe_replicated`` and skipped.
+attribute ``tensor_model_parallel``, which ``kiln.parallel.tensor_parallel.mark_tensor_parallel_params`` sets
+from the TP plan) on every TP rank and of replicated ones (norms, biases of row-parallel layers) on TP rank 0
+only, then all-reduces over the DP group and the model-parallel (TP x PP) group; tied-embedding copies on the
+last stage are marked ``ds_pipe_replicated`` and skipped.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
-import torch.nn as nn
-
-from kiln.pretrain.model import tp_split_dim
-from kiln.pretrain.recipe import Layout, TrainRecipe
+from kiln.parallel.layout import Layout
+from kiln.pretrain.recipe import TrainRecipe
 
 
 def single_replica(recipe: TrainRecipe, layout: Layout) -> bool:
@@ -89,27 +87,9 @@ def weight_decay_groups(named_params, weight_decay: float) -> list[dict[str, Any
     return groups
 
 
-def mark_tensor_parallel_params(
-    module: nn.Module, tp_size: int, model_name: Callable[[str], str] = lambda name: name
-) -> int:
-    """Set megatron's ``tensor_model_parallel`` / ``partition_dim`` / ``partition_stride`` on every parameter
-    that is split across TP ranks (``kiln.pretrain.model.tp_split_dim`` of its KilnLlama name, which
-    ``model_name`` maps a local name to), and ``tensor_model_parallel = False`` on the replicated ones, so that
-    DeepSpeed's gradient norm counts each element exactly once. Returns how many parameters are TP-sharded."""
-    sharded = 0
-    for name, p in module.named_parameters():
-        dim = tp_split_dim(model_name(name)) if tp_size > 1 else None
-        p.tensor_model_parallel = dim is not None
-        if dim is not None:
-            p.partition_dim, p.partition_stride = dim, 1
-            sharded += 1
-    return sharded
-
-
 __all__ = [
     "deepspeed_config",
     "effective_zero_stage",
-    "mark_tensor_parallel_params",
     "single_replica",
     "weight_decay_groups",
 ]

@@ -412,6 +412,7 @@ def save_checkpoint(
     model_state: dict[str, torch.Tensor] | None = None,
     optimizer_state: dict | None = None,
     meta: dict | None = None,
+    *,
     rank: int = 0,
     barrier=None,
 ) -> Path:

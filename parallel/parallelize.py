@@ -18,7 +18,9 @@ full model on every rank until the plain weights are dropped; that is what HF im
 comparing TP with one process do.
 
 Kept import-light (torch and the pieces are imported inside the functions) so that ``kiln.parallel`` can export
-``parallelize`` while ``import kiln.parallel.layout`` (recipe loading) still imports no torch.
+``parallelize`` while ``import kiln.parallel.layout`` (recipe loading) still imports no torch. The package
+attribute ``kiln.parallel.parallelize`` is the function, not this module (``import kiln.parallel.parallelize as
+m`` gives the function too): reach this module's other names with ``from kiln.parallel.parallelize import ...``.
 """
 
 from __future__ import annotations

@@ -262,3 +262,23 @@ def test_smollm2_sft_export_keeps_the_logits_and_its_own_template(tmp_path, smol
         got = again.generate(prompt, max_new_tokens=8, do_sample=False)
     assert got.shape[1] > prompt.shape[1]
     assert got.tolist() == want.tolist()
+
+
+def test_a_model_saved_with_its_tokenizer_exports_it_with_the_template_in_the_config(tmp_path, capsys):
+    """No SFT build and no --tokenizer: the tokenizer stored with the model, as before, and transformers' own
+    save (which may keep the template in chat_template.jinja only) gets the template into the config too."""
+    from transformers import AutoTokenizer
+
+    cfg = ModelConfig(
+        vocab_size=512, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, head_dim=8, fused_kernels=False,
+    )  # fmt: skip
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer(tmp_path / "tok", chat_template=BUILTIN["chatml"]))
+    save_model(KilnLlama(cfg, init_seed=0), cfg, tmp_path / "kiln", tokenizer=tok)
+    assert main(["export-hf", str(tmp_path / "kiln"), "--out", str(tmp_path / "hf")]) == 0
+    assert "generation stops at ids [2, 4]" in capsys.readouterr().out
+    assert json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())["chat_template"] == BUILTIN["chatml"]
+    assert (tmp_path / "hf" / "chat_template.jinja").read_text() == BUILTIN["chatml"]
+    assert main(["export-hf", str(tmp_path / "kiln"), "--out", str(tmp_path / "bare"), "--no-tokenizer"]) == 0
+    assert not (tmp_path / "bare" / "tokenizer.json").exists()
+    assert json.loads((tmp_path / "bare" / "generation_config.json").read_text())["eos_token_id"] == 2

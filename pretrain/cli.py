@@ -49,12 +49,24 @@ def cmd_import_hf(args: argparse.Namespace) -> int:
 
 @_user_errors
 def cmd_export_hf(args: argparse.Namespace) -> int:
-    from kiln.pretrain.hf_io import DTYPES, export_hf, load_model, load_tokenizer
+    import json
+    import os
 
+    from kiln.pretrain.export_tokenizer import tokenizer_source
+    from kiln.pretrain.hf_io import DTYPES, export_hf, load_model
+
+    # the tokenizer first: a missing SFT build or a wrong --tokenizer fails before the (slow) model load
+    tokenizer = tokenizer_source(args.checkpoint, tokenizer=args.tokenizer, no_tokenizer=args.no_tokenizer)
     model, cfg = load_model(args.checkpoint)
-    tokenizer = None if args.no_tokenizer else _maybe_tokenizer(args.checkpoint, load_tokenizer)
     out = export_hf(model, cfg, args.out, tokenizer=tokenizer, dtype=DTYPES[args.dtype])
-    print(f"exported {args.checkpoint} -> {out} (load with transformers.AutoModelForCausalLM.from_pretrained)")
+    if tokenizer is None:
+        told = "no tokenizer"
+    else:
+        where = f" from {tokenizer}" if isinstance(tokenizer, (str, os.PathLike)) else ""
+        eos = json.loads((out / "generation_config.json").read_text()).get("eos_token_id")
+        has_template = (out / "chat_template.jinja").is_file()
+        told = f"tokenizer{where}, {'with' if has_template else 'no'} chat template, generation stops at ids {eos}"
+    print(f"exported {args.checkpoint} -> {out}: {told} (load with transformers.AutoModelForCausalLM.from_pretrained)")
     return 0
 
 
@@ -147,15 +159,27 @@ def register(subparsers) -> None:
         "export-hf",
         help="write a kiln model as a Hugging Face Llama directory",
         description="Write a model as a Hugging Face Llama directory (config.json, generation_config.json, "
-        "model.safetensors, tokenizer files) that transformers.AutoModelForCausalLM and AutoTokenizer load.",
-        epilog="example:\n  kiln export-hf runs/smollm2 --out runs/smollm2-hf\n"
+        "model.safetensors, tokenizer files) that transformers.AutoModelForCausalLM and AutoTokenizer load. The "
+        "chat template is written into tokenizer_config.json (and chat_template.jinja), so apply_chat_template "
+        "renders a conversation to the ids the model was trained on, and generation_config.json stops at the "
+        "template's end-of-turn token as well as EOS.",
+        epilog="examples:\n  kiln export-hf runs/smollm2 --out runs/smollm2-hf\n"
+        "  kiln export-hf runs/sft/checkpoints/step_0000100 --out runs/sft-hf   # with the SFT build's tokenizer\n"
         "  python -c \"from transformers import AutoModelForCausalLM as M; M.from_pretrained('runs/smollm2-hf')\"",
         formatter_class=fmt,
     )
     p.add_argument("checkpoint", help=MODEL_HELP)
     p.add_argument("--out", required=True, help="output directory for the Hugging Face files")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32", help="dtype of the written weights")
-    p.add_argument("--no-tokenizer", action="store_true", help="do not write tokenizer files")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument(
+        "--tokenizer",
+        metavar="DIR",
+        help="tokenizer folder to write next to the weights, e.g. the SFT build's <output_dir>/tokenizer (its "
+        "chat template is the one the data was rendered with). Default: for a checkpoint of an SFT run that "
+        "build's tokenizer, else the tokenizer stored with the model, if any",
+    )
+    which.add_argument("--no-tokenizer", action="store_true", help="do not write tokenizer files")
     p.set_defaults(func=cmd_export_hf)
 
     p = subparsers.add_parser(

@@ -5,8 +5,8 @@
   and every tensor's shape checked against it, before any weight is loaded; each TP rank reads the same full
   tensors and keeps its slice (from safetensors only the slice is read).
 - ``export_hf(model, cfg, out_dir, tokenizer=None)``: config.json + generation_config.json + model.safetensors
-  (+ tokenizer files) that ``transformers.AutoModelForCausalLM`` / ``AutoTokenizer`` load. At TP > 1 every rank
-  calls it; the shards are gathered onto TP rank 0, which writes.
+  (+ tokenizer files, with the chat template in the tokenizer config) that ``transformers.AutoModelForCausalLM``
+  / ``AutoTokenizer`` load. At TP > 1 every rank calls it; the shards are gathered onto TP rank 0, which writes.
 - ``save_model`` / ``load_model``: our directory format (``model.yaml`` = ModelConfig, ``model.safetensors`` =
   our parameter names, optional tokenizer files); ``load_model`` also accepts an HF directory, a training
   checkpoint directory (``kiln.pretrain.checkpoint_model``), a GGUF file or ``smollm2`` (the GGUF shipped by the
@@ -258,8 +258,16 @@ def export_hf(
     """Write an HF Llama directory that ``AutoModelForCausalLM.from_pretrained(out_dir)`` loads.
 
     Collective at TP > 1: every TP rank must call it; TP rank 0 writes and returns the path, others None.
-    ``dtype``: dtype of the written weights (default: the model's).
+    ``tokenizer``: a tokenizer folder (its tokenizer files are copied unchanged, e.g. an SFT build's
+    ``<output_dir>/tokenizer``) or a transformers tokenizer (saved). Either way the chat template lands in
+    ``tokenizer_config.json`` and ``chat_template.jinja``, and generation stops at its end-of-turn token too
+    (`kiln.pretrain.export_tokenizer`). ``dtype``: dtype of the written weights (default: the model's).
     """
+    from kiln.pretrain import export_tokenizer as et
+
+    is_folder = isinstance(tokenizer, (str, os.PathLike))
+    if is_folder:  # before anything is written: a wrong folder is the caller's error, not a half export
+        et.check_vocab(et.check_tokenizer_folder(tokenizer, flag="tokenizer"), cfg.vocab_size)
     tensors = full_state_dict(model, dst=0)
     group, rank, size = _tp_rank_size(model)
     out = Path(out_dir)
@@ -268,17 +276,22 @@ def export_hf(
         from transformers import GenerationConfig
 
         out.mkdir(parents=True, exist_ok=True)
+        if is_folder:
+            et.copy_tokenizer_folder(tokenizer, out)
+        elif tokenizer is not None:
+            tokenizer.save_pretrained(out)
+        if tokenizer is not None:
+            et.chat_template_into_config(out)
         dtype = dtype or next(model.parameters()).dtype
         hf_tensors = {ours_to_hf(k): v.to(dtype).contiguous() for k, v in tensors.items()}
         save_file(hf_tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
         hf_config = to_hf_config(cfg)
         hf_config.dtype = str(dtype).removeprefix("torch.")
         hf_config.save_pretrained(out)
+        eos = et.generation_eos(out if tokenizer is not None else None, cfg.eos_token_id)
         GenerationConfig(
-            bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id
+            bos_token_id=cfg.bos_token_id, eos_token_id=eos, pad_token_id=cfg.pad_token_id
         ).save_pretrained(out)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(out)
     if size > 1:
         dist.barrier(group=group)
     return out if rank == 0 else None

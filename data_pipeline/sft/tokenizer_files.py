@@ -10,8 +10,9 @@ are converted once with ``transformers`` (`kiln.pretrain.hf_io.load_tokenizer`) 
 Every build writes ``<output_dir>/tokenizer/``: ``tokenizer.json``, ``tokenizer_config.json`` whose
 ``chat_template`` is the template the data was rendered with, and the same text as ``chat_template.jinja``
 (transformers 5 reads the file, older versions the config key). `AutoTokenizer.from_pretrained` on that folder
-renders and tokenizes a conversation to exactly the ids of the build; ``kiln export-hf`` should copy the folder
-(or at least its chat template) next to the exported weights.
+renders and tokenizes a conversation to exactly the ids of the build; ``kiln export-hf`` copies the folder next
+to the exported weights (``--tokenizer``, and by default for a checkpoint of an SFT run; see
+`kiln.pretrain.export_tokenizer`).
 """
 
 from __future__ import annotations

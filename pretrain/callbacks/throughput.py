@@ -72,13 +72,15 @@ class ConsoleLogger(Callback):
             self._emit(self.format(state, metrics))
 
     def on_eval(self, state: TrainState, metrics: dict[str, Any]) -> None:
-        if not state.is_main or "val_loss" not in metrics:
+        loss_key = next((k for k in metrics if k.startswith("val") and k.endswith("_loss")), None)
+        if not state.is_main or loss_key is None:
             return
-        line = f"eval step {state.step} | val_loss {float(metrics['val_loss']):.4f}"
-        if "val_ppl" in metrics:
-            line += f" | val_ppl {float(metrics['val_ppl']):.3f}"
-        if "val_tokens" in metrics:
-            line += f" | tokens {int(metrics['val_tokens']):,}"
+        prefix = loss_key[: -len("_loss")]  # val, or val_<source> for one of several held-out splits
+        line = f"eval step {state.step} | {loss_key} {float(metrics[loss_key]):.4f}"
+        if f"{prefix}_ppl" in metrics:
+            line += f" | {prefix}_ppl {float(metrics[prefix + '_ppl']):.3f}"
+        if f"{prefix}_tokens" in metrics:
+            line += f" | tokens {int(metrics[prefix + '_tokens']):,}"
         self._emit(line)
 
     @staticmethod

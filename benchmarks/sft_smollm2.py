@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Command: `python -m benchmarks.sft_smollm2 --steps {args.steps}` ({train_s / 60:.1f} min of training)",
         "",
-        "| held-out loss | step 0 | step %d | change |" % args.steps,
+        f"| held-out loss | step 0 | step {args.steps} | change |",
         "|---|---|---|---|",
     ]
     for key in sorted(first):

@@ -43,8 +43,9 @@ def ensure_sft_data(cfg, name: str | None = None) -> None:
             "the torchrun job"
         )
     from kiln.data_pipeline.sft.build import build_sft
-    from kiln.data_pipeline.sft.config import SFTDataRecipe
+    from kiln.data_pipeline.sft.config import SFTDataRecipe, check_source_paths
 
+    check_source_paths(cfg, name or "the recipe")
     try:
         build_sft(SFTDataRecipe(name=name or Path(cfg.output_dir).name, data=cfg))
     except ValueError as e:  # the builder's recipe errors, in the one `kiln: error:` format

@@ -172,3 +172,24 @@ def test_cpu_recipe_runs_at_tiny_scale(name, tmp_path):
              if k.startswith("val_") and k.endswith("_loss")}  # fmt: skip
     assert evals == {(step, role) for step in (0, 2) for role in roles}
     assert (tmp_path / "run" / "checkpoints" / "step_0000002").is_dir()
+
+
+def test_agentlm_7b_recipe_is_agenttuning_and_plans_at_16_gpus(capsys):
+    """The 7B recipe as AgentTuning trained (DESIGN.md section 4), and its layout valid by --dry-run at its
+    intended world size (2 nodes x 8 GPUs) without the data or the weights present."""
+    from kiln.pretrain.recipe import load_recipe
+    from kiln.pretrain.train import run_command
+
+    path = REPO / "recipes" / "sft" / "agentlm-7b-hybrid.yaml"
+    r = load_recipe(path)
+    assert (r.sft.mix.eta, r.sft.template, r.sft.seq_length, r.sft.loss) == (0.2, "llama2", 4096, "assistant")
+    weights = {s.name: s.weight for s in r.sft.sources if s.role == "general"}
+    assert weights == {"sharegpt_gpt35": 0.8, "sharegpt_gpt4": 0.2}
+    o = r.optimizer
+    assert (o.lr, tuple(o.betas), o.eps, o.weight_decay, o.clip_grad) == (5e-5, (0.9, 0.95), 1e-8, 0.1, 1.0)
+    assert r.schedule.kind == "cosine" and r.schedule.warmup_steps == 0.02 * r.train_steps
+    assert r.loss_normalization == "global_tokens" and r.precision == "bf16"
+    assert run_command(str(path), [], dry_run=True, world_size=16) == 0
+    out = capsys.readouterr().out
+    assert "layout TP2 x PP1 x DP8 = 16 ranks, ZeRO stage 1, bf16" in out and "6738.4M parameters" in out
+    assert "micro 1 x DP 8 x 8 accumulation = global 64 samples (262144 tokens)" in out

@@ -12,11 +12,16 @@ W&B).
 
 Checkpoints (``kiln.pretrain.checkpoint``): every ``checkpoint.interval`` steps, at the end, and when SIGTERM /
 SIGUSR1 arrives (at the next flag poll, every ``flag_poll_interval`` steps, every rank saves and the job exits
-0). A checkpoint holds the full model and
-optimizer state under layout-independent names, the train state (step, consumed samples = the data position,
+0). A checkpoint is sharded (``torch.distributed.checkpoint``: each rank writes the TP slices and ZeRO fragments
+it holds, under layout-independent names), with the train state (step, consumed samples = the data position,
 since sample ``i`` is a pure function of ``i``) and every rank's RNG state; the LR is a function of the step.
 ``resume=true`` continues from the newest complete checkpoint under ``checkpoint.dir`` (a half-written one is
-skipped with a warning), ``resume=<path>`` from that checkpoint or root, at any TP/PP/DP layout.
+skipped with a warning), ``resume=<path>`` from that checkpoint or root, at any TP/PP/DP/ZeRO layout; the older
+full format still loads.
+
+SFT recipes (``recipes/sft/*.yaml``) train the same way: the data section is built first when its folder is
+missing (``kiln data sft``), ``init_from`` gives the starting weights, the loss is normalised over the step's
+trainable tokens and the held-out agent / general losses are evaluated (``kiln.pretrain.sft_data``).
 """
 
 from __future__ import annotations

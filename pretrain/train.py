@@ -1,4 +1,4 @@
-"""Pretraining entry point.
+"""Training entry point (pretraining and SFT).
 
     torchrun --nnodes N --nproc-per-node G -m kiln train recipes/pretrain/<recipe>.yaml [key=value ...]
     kiln train recipes/pretrain/tiny.yaml            # one process, no torchrun

@@ -26,7 +26,7 @@ def format_duration(seconds: float) -> str:
 class Throughput(Callback):
     """Adds ``tokens_per_s``, ``tflops_per_device`` and ``mfu`` to the interval metrics of ``on_log``.
 
-    The rates are those of the whole interval (``tokens`` over ``steps x step_time_s``, see
+    The rates are those of the whole interval (``interval_tokens`` over ``steps x step_time_s``, see
     ``kiln.pretrain.metrics``), so on a GPU they count device time, not how fast the host queued the kernels.
     Runs before the loggers (priority 40).
 
@@ -44,10 +44,12 @@ class Throughput(Callback):
         self.num_devices = num_devices
 
     def on_log(self, state: TrainState, metrics: dict[str, Any]) -> None:
-        seconds = float(metrics.get("step_time_s", 0.0)) * max(1, int(metrics.get("steps", 1)))
-        if seconds <= 0 or "tokens" not in metrics:
+        steps = max(1, int(metrics.get("steps", 1)))
+        seconds = float(metrics.get("step_time_s", 0.0)) * steps
+        tokens = metrics.get("interval_tokens", float(metrics.get("tokens", 0)) * steps)
+        if seconds <= 0 or not tokens:
             return
-        metrics["tokens_per_s"] = float(metrics["tokens"]) / seconds
+        metrics["tokens_per_s"] = float(tokens) / seconds
         if self.flops_per_token is not None:
             per_device = metrics["tokens_per_s"] * self.flops_per_token / (self.num_devices or state.world_size)
             metrics["tflops_per_device"] = per_device / 1e12

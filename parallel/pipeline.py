@@ -93,15 +93,20 @@ class LMHeadStage(nn.Module):
 
 class PipelineLoss:
     """``loss_fn(logits, (labels, loss_mask))`` for DeepSpeed: the model's ``lm_loss`` (token mean of one
-    micro-batch). A plain callable, not a module, so DeepSpeed does not register it as a submodule."""
+    micro-batch), or with ``scale`` set (a 0-dim tensor, per step, by the train module) the micro-batch's summed
+    loss times ``scale`` (a loss normalised over the whole step's tokens). A plain callable, not a module, so
+    DeepSpeed does not register it as a submodule."""
 
     def __init__(self, lm_loss: LMLoss):
         self.lm_loss = lm_loss
+        self.scale: torch.Tensor | None = None
         self.__name__ = "PipelineLoss"
 
     def __call__(self, logits: torch.Tensor, targets) -> torch.Tensor:
         labels, loss_mask = targets
-        return self.lm_loss(logits, labels, loss_mask)
+        if self.scale is None:
+            return self.lm_loss(logits, labels, loss_mask)
+        return self.lm_loss(logits, labels, loss_mask, reduction="sum") * self.scale.to(logits.device)
 
 
 @functools.cache

@@ -61,6 +61,9 @@ class Evaluator(Callback):
         interval: steps between evaluations; 0 disables periodic evaluation (only `run`).
         group: process group the sums are all-reduced over (None: the default group when initialised).
         at_end: also evaluate when training ends at a step that was not just evaluated.
+        at_start: also evaluate at ``on_train_start`` of a run at step 0 (the starting point of the curve).
+        prefix: the metric names' prefix: ``val`` (``val_loss``, ``val_ppl``, ...) or e.g. ``val_agent`` for one
+            of several held-out splits.
     """
 
     def __init__(
@@ -72,23 +75,32 @@ class Evaluator(Callback):
         sink: Callback | None = None,
         group: Any = None,
         at_end: bool = True,
+        prefix: str = "val",
+        at_start: bool = False,
     ):
         if interval < 0:
             raise ValueError(f"eval interval must be >= 0, got {interval}")
         self.loss_fn, self.batches, self.interval = loss_fn, batches, interval
-        self.sink, self.group, self.at_end = sink, group, at_end
+        self.sink, self.group, self.at_end, self.prefix = sink, group, at_end, prefix
+        self.at_start = at_start
         self.history: list[tuple[int, dict[str, float]]] = []
 
     priority = 60
 
     def run(self, state: TrainState) -> dict[str, float]:
         metrics = evaluate(self.loss_fn, self.batches(), self.group)
+        if self.prefix != "val":  # one split of several (an SFT source): val_<source>_loss, ...
+            metrics = {self.prefix + key[len("val") :]: value for key, value in metrics.items()}
         self.history.append((state.step, metrics))
         if self.trainer is not None:
             self.trainer.record_eval(metrics)
         elif self.sink is not None:
             self.sink.on_eval(state, metrics)
         return metrics
+
+    def on_train_start(self, state: TrainState) -> None:
+        if self.at_start and state.step == 0:
+            self.run(state)
 
     def on_step_end(self, state: TrainState, metrics: dict[str, Any]) -> None:
         if self.interval and state.step % self.interval == 0:

@@ -6,8 +6,8 @@ device tensor and reads everything once per ``log_interval`` steps, in one trans
 (``on_log``) summarises the interval:
 
 * ``loss``: mean over the interval's steps that were not skipped (NaN when all were);
-* ``grad_norm``, ``lr``, ``global_batch``: the last step's;
-* ``tokens``, ``steps``, ``skipped``: totals over the interval; ``step_time_s``: mean wall seconds per step,
+* ``grad_norm``, ``lr``, ``global_batch``, ``tokens``: the last step's;
+* ``interval_tokens``, ``steps``, ``skipped``: totals over the interval; ``step_time_s``: mean wall seconds per step,
   from the end of the previous step's callbacks to the end of the step's ``train_batch`` (waiting for data
   included; evaluations and checkpoint saves, which run in callbacks, left out). On a GPU the kernels a step
   queued finish during the next one, so a single step's time is off, but an interval's sum is right: the
@@ -71,7 +71,9 @@ class IntervalMetrics:
         if "grad_norm" in host:
             out["grad_norm"] = host["grad_norm"]
         steps = max(1, self._steps)
-        out.update(steps=self._steps, skipped=self._skipped, tokens=self._tokens, step_time_s=self._seconds / steps)
+        out.update(
+            steps=self._steps, skipped=self._skipped, interval_tokens=self._tokens, step_time_s=self._seconds / steps
+        )
         if self._skipped:
             out["skip"] = True
         self._reset()

@@ -1,4 +1,10 @@
-"""The pretraining recipe: typed dataclasses loaded from ``recipes/pretrain/*.yaml`` plus ``key=value`` overrides.
+"""The training recipe: typed dataclasses loaded from ``recipes/pretrain/*.yaml`` or ``recipes/sft/*.yaml`` plus
+``key=value`` overrides.
+
+An SFT recipe is one file for both stages: its ``data`` section is the SFT builder's (``kiln data sft`` reads it:
+sources, template, mix, packing) and lands in ``TrainRecipe.sft`` here; the other sections are the trainer's,
+with ``init_from`` naming the weights to start from. Its loss is normalised over the trainable tokens of the
+whole step (``loss_normalization: global_tokens``).
 
 Everything a run needs is here and is checked twice before any process group starts:
 
@@ -20,7 +26,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from kiln.config import ConfigError, load_config, to_dict
+from kiln.config import ConfigError, apply_overrides, build_dataclass, read_yaml, to_dict
+from kiln.data_pipeline.sft.config import SFTDataConfig
 from kiln.parallel.layout import Layout, ParallelConfig
 
 # DataConfig from kiln.pretrain.config, not kiln.pretrain.data: the latter imports torch.
@@ -146,6 +153,8 @@ class EvalConfig:
     interval: int = 0
     batches: int = 8
     batch_size: int | None = None
+    at_start: bool = False  # also evaluate before the first step: the baseline of a fine-tuning curve
+    per_source: bool = False  # SFT: a held-out loss per source too, besides the agent / general ones
 
     def validate(self) -> None:
         if self.interval < 0:
@@ -182,8 +191,20 @@ class TrainRecipe:
     wandb_mode: Literal["offline", "online", "disabled"] = "offline"  # offline: files under run_dir, no network
     max_nan_steps: int = 10  # stop the run once more steps than this had a NaN/inf loss
     synthetic_data: SyntheticDataConfig | None = None
-    # The indexed-dataset blend (pretrain.data); exactly one of data / synthetic_data is set.
+    # The indexed-dataset blend (pretrain.data); exactly one of data / synthetic_data / sft is set.
     data: DataConfig | None = None
+    # Instruction tuning: the `kiln data sft` section (an SFT recipe's `data:`), read as packed conversations.
+    sft: SFTDataConfig | None = None
+    name: str | None = None  # the recipe's name (SFT recipes have one; `kiln data sft` names its report by it)
+    # Weights to start from: a kiln model directory, a Hugging Face directory or GGUF, `smollm2`, or a training
+    # checkpoint directory (its weights only). The `model` section must describe the same architecture: it is
+    # what `--dry-run` plans with, and the weights are checked against it before training starts.
+    init_from: str | None = None
+    # micro_batch_mean: the mean over micro-batches of each micro-batch's token-mean loss (Megatron's rule; with
+    # full packed sequences every micro-batch has about the same number of loss tokens). global_tokens: the sum
+    # of the loss over every trainable token of the step divided by their count over all ranks, so that a
+    # conversation's tokens weigh the same whichever micro-batch they fall in (SFT: masks vary a lot).
+    loss_normalization: Literal["micro_batch_mean", "global_tokens"] = "micro_batch_mean"
 
     def validate(self) -> None:
         # Only what spans sections: each section's own hook has already run (kiln.config.validate_tree runs the
@@ -194,8 +215,11 @@ class TrainRecipe:
             raise ValueError(f"log_interval must be >= 1, got {self.log_interval}")
         if self.flag_poll_interval < 1:
             raise ValueError(f"flag_poll_interval must be >= 1, got {self.flag_poll_interval}")
-        if (self.data is None) == (self.synthetic_data is None):
-            raise ValueError("set exactly one of 'data' (indexed datasets) or 'synthetic_data'")
+        sources = [s for s in (self.data, self.synthetic_data, self.sft) if s is not None]
+        if len(sources) != 1:
+            raise ValueError(
+                "set exactly one of 'data' (indexed datasets, or an SFT recipe's builder section) or 'synthetic_data'"
+            )
         if self.schedule.decay_steps is None and self.schedule.warmup_steps >= self.train_steps:
             raise ValueError(
                 f"schedule.warmup_steps ({self.schedule.warmup_steps}) must be < train_steps ({self.train_steps})"
@@ -214,6 +238,8 @@ class TrainRecipe:
     def seq_length(self) -> int:
         if self.synthetic_data is not None:
             return self.synthetic_data.seq_length
+        if self.sft is not None:
+            return self.sft.seq_length
         return self.data.seq_length  # type: ignore[union-attr]
 
     def layout(self, world_size: int) -> Layout:
@@ -280,9 +306,23 @@ class TrainRecipe:
         return to_dict(self)
 
 
+def is_sft_section(data: Any) -> bool:
+    """An SFT recipe's ``data`` section (the builder's: it lists ``sources``), not a pretraining blend."""
+    return isinstance(data, dict) and "sources" in data
+
+
 def load_recipe(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainRecipe:
-    """Read a recipe YAML, apply ``key=value`` overrides, validate (not yet against a world size)."""
-    return load_config(TrainRecipe, path, overrides)
+    """Read a recipe YAML, apply ``key=value`` overrides (with the file's own key names: ``data.mix.eta=0.3`` in
+    an SFT recipe), validate (not yet against a world size)."""
+    raw = apply_overrides(read_yaml(path) if path is not None else {}, list(overrides))
+    source = str(path) if path is not None else "overrides"
+    if not is_sft_section(raw.get("data")):
+        return build_dataclass(TrainRecipe, raw, source=source)
+    raw["sft"] = raw.pop("data")
+    try:
+        return build_dataclass(TrainRecipe, raw, source=source)
+    except ConfigError as e:  # name the key as the file spells it
+        raise ConfigError(str(e).replace("key 'sft.", "key 'data.").replace("key 'sft'", "key 'data'")) from None
 
 
 __all__ = [

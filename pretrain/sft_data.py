@@ -8,9 +8,10 @@ the first in the same order. The fields are `kiln.pretrain.data.pack_sample`'s, 
 shifted, no label on a conversation's first token, positions restarting and attention kept inside each
 conversation (``segment_ids``).
 
-``heldout`` maps each source that has a held-out split (``heldout/<source>``) to a `HeldOut` with the
-``batches(batch_size, max_batches, dp_rank, dp_size)`` interface the evaluator reads, so an SFT run reports
-one held-out loss per source (``val_<source>_loss``): the agent and general curves AgentTuning compares.
+``heldout_by_role`` maps ``agent`` / ``general`` to a `HeldOut` over the held-out splits of that role's sources
+(``heldout/<source>``, in source order), with the ``batches(batch_size, max_batches, dp_rank, dp_size)``
+interface the evaluator reads: an SFT run reports ``val_agent_loss`` and ``val_general_loss``, the two curves
+AgentTuning compares. ``heldout`` has one per source (``eval.per_source``: ``val_source_<name>_loss``).
 """
 
 from __future__ import annotations
@@ -29,27 +30,54 @@ from kiln.pretrain.data import collate, pack_sample, rank_sample_indices
 REPORT_FILE = "report.json"
 
 
-class HeldOut:
-    """One source's held-out packed sequences, in order."""
+def ensure_sft_data(cfg, name: str | None = None) -> None:
+    """Build the SFT data of ``cfg`` (an SFT recipe's data section) when its output folder has no finished
+    build, so that ``kiln train recipes/sft/<recipe>.yaml`` is one command. Only a one-process run builds:
+    ranks of a torchrun job would race on the same folder (and the build runs before any process group exists
+    to elect a builder), so a job asks for ``kiln data sft`` first."""
+    if (Path(cfg.output_dir) / REPORT_FILE).is_file():
+        return
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError(
+            f"{cfg.output_dir} has no finished SFT build: run `kiln data sft <recipe>` once before launching "
+            "the torchrun job"
+        )
+    from kiln.data_pipeline.sft.build import build_sft
+    from kiln.data_pipeline.sft.config import SFTDataRecipe, check_source_paths
 
-    def __init__(self, name: str, data: SFTPackedDataset):
-        self.name, self.data = name, data
+    check_source_paths(cfg, name or "the recipe")
+    try:
+        build_sft(SFTDataRecipe(name=name or Path(cfg.output_dir).name, data=cfg))
+    except ValueError as e:  # the builder's recipe errors, in the one `kiln: error:` format
+        raise ConfigError(f"building the SFT data in {cfg.output_dir}: {e}") from None
+
+
+class HeldOut:
+    """The held-out packed sequences of one or more sources, in order."""
+
+    def __init__(self, name: str, parts: list[SFTPackedDataset]):
+        self.name, self.parts = name, parts
+        self._offsets = np.cumsum([0] + [len(p) for p in parts])
 
     def __len__(self) -> int:
-        return len(self.data)
+        return int(self._offsets[-1])
+
+    def read(self, i: int):
+        part = int(np.searchsorted(self._offsets, i, side="right")) - 1
+        return self.parts[part].read(i - int(self._offsets[part]))
 
     def batches(self, batch_size: int, max_batches: int | None = None, dp_rank: int = 0, dp_size: int = 1):
         """Full batches of ``batch_size`` sequences per rank: the same global batches at every DP size. A split
         smaller than one global batch is read as one batch that wraps around to its start (the repeated
         sequences count twice), so a small source still gets a held-out loss."""
         global_batch = batch_size * dp_size
-        n = len(self.data)
+        n = len(self)
         n_batches = max(1, n // global_batch)
         if max_batches is not None:
             n_batches = min(n_batches, max_batches)
         for b in range(n_batches):
             idx = rank_sample_indices(b * global_batch, global_batch, dp_rank, dp_size)
-            yield collate([pack_sample(*self.data.read(int(i) % n)) for i in idx])
+            yield collate([pack_sample(*self.read(int(i) % n)) for i in idx])
 
 
 class SFTTrainData:
@@ -86,10 +114,14 @@ class SFTTrainData:
         if len(self.train) == 0:
             raise ConfigError(f"{self.root}/train holds no packed sequences")
         report = json.loads((self.root / REPORT_FILE).read_text())
-        self.heldout = {
-            name: HeldOut(name, SFTPackedDataset(self.root / "heldout" / name))
-            for name in sorted(report.get("outputs", {}).get("heldout", {}))
-        }
+        held = report.get("outputs", {}).get("heldout", {})
+        opened = {name: SFTPackedDataset(self.root / "heldout" / name) for name in held}
+        self.heldout = {name: HeldOut(name, [opened[name]]) for name in sorted(opened)}
+        roles: dict[str, list[SFTPackedDataset]] = {}
+        for name, source in report.get("sources", {}).items():  # the recipe's source order
+            if name in opened:
+                roles.setdefault(source["role"], []).append(opened[name])
+        self.heldout_by_role = {role: HeldOut(role, parts) for role, parts in sorted(roles.items())}
         self._orders: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
@@ -113,4 +145,4 @@ class SFTTrainData:
         return pack_sample(*self.train.read(self.index(i)))
 
 
-__all__ = ["HeldOut", "SFTTrainData"]
+__all__ = ["HeldOut", "SFTTrainData", "ensure_sft_data"]

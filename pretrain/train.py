@@ -1,4 +1,4 @@
-"""Pretraining entry point.
+"""Training entry point (pretraining and SFT).
 
     torchrun --nnodes N --nproc-per-node G -m kiln train recipes/pretrain/<recipe>.yaml [key=value ...]
     kiln train recipes/pretrain/tiny.yaml            # one process, no torchrun
@@ -12,16 +12,22 @@ W&B).
 
 Checkpoints (``kiln.pretrain.checkpoint``): every ``checkpoint.interval`` steps, at the end, and when SIGTERM /
 SIGUSR1 arrives (at the next flag poll, every ``flag_poll_interval`` steps, every rank saves and the job exits
-0). A checkpoint holds the full model and
-optimizer state under layout-independent names, the train state (step, consumed samples = the data position,
+0). A checkpoint is sharded (``torch.distributed.checkpoint``: each rank writes the TP slices and ZeRO fragments
+it holds, under layout-independent names), with the train state (step, consumed samples = the data position,
 since sample ``i`` is a pure function of ``i``) and every rank's RNG state; the LR is a function of the step.
 ``resume=true`` continues from the newest complete checkpoint under ``checkpoint.dir`` (a half-written one is
-skipped with a warning), ``resume=<path>`` from that checkpoint or root, at any TP/PP/DP layout.
+skipped with a warning), ``resume=<path>`` from that checkpoint or root, at any TP/PP/DP/ZeRO layout; the older
+full format still loads.
+
+SFT recipes (``recipes/sft/*.yaml``) train the same way: the data section is built first when its folder is
+missing (``kiln data sft``), ``init_from`` gives the starting weights, the loss is normalised over the step's
+trainable tokens and the held-out agent / general losses are evaluated (``kiln.pretrain.sft_data``).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,7 +41,18 @@ log = logging.getLogger(__name__)
 
 
 def build_dataset(recipe: TrainRecipe):
-    """Global sample index -> sample: the indexed-dataset blend, or the synthetic source of tests/demos."""
+    """Global sample index -> sample: the indexed-dataset blend, packed SFT conversations (built first when
+    the folder is missing), or the synthetic source of tests/demos."""
+    if recipe.sft is not None:
+        from kiln.pretrain.sft_data import SFTTrainData, ensure_sft_data
+
+        ensure_sft_data(recipe.sft, name=recipe.name)
+        return SFTTrainData(
+            recipe.sft.output_dir,
+            seed=recipe.sft.seed,
+            seq_length=recipe.seq_length,
+            model_vocab_size=recipe.model.vocab_size,
+        )
     if recipe.synthetic_data is not None:
         from kiln.pretrain.engine.batches import SyntheticTokens
 
@@ -51,26 +68,75 @@ def build_dataset(recipe: TrainRecipe):
     )
 
 
-def build_validation(recipe: TrainRecipe, dataset):
-    """The held-out split the evaluation reads (``batches(batch_size, max_batches, dp_rank, dp_size)``): the
-    data's validation split, or for synthetic data the same generator under ``synthetic_data.seed + 1``."""
+def build_validation(recipe: TrainRecipe, dataset) -> dict[str, object]:
+    """The held-out splits the evaluation reads, by name (each with ``batches(batch_size, max_batches, dp_rank,
+        dp_size)``): ``{"": split}`` for the data's validation split, or for synthetic data the same generator under
+        ``synthetic_data.seed + 1``; for SFT data one per role (``val_agent_loss``, ``val_general_loss``) and with ``eval.per_source`` one per
+    source too (``val_source_<name>_loss``)."""
+    if recipe.sft is not None:
+        if not dataset.heldout:
+            raise ConfigError(
+                f"eval.interval={recipe.eval.interval} needs held-out data: set data.heldout_fraction > 0 in the "
+                "SFT recipe (or eval.interval=0)"
+            )
+        per_source = {f"source_{name}": split for name, split in dataset.heldout.items()}
+        return {**dataset.heldout_by_role, **(per_source if recipe.eval.per_source else {})}
     if recipe.synthetic_data is not None and getattr(dataset, "validation", None) is None:
         from kiln.pretrain.engine.batches import SyntheticTokens, SyntheticValidation
 
         s = recipe.synthetic_data
-        return SyntheticValidation(
-            SyntheticTokens(recipe.model.vocab_size, s.seq_length, s.seed + 1, s.documents_per_sample)
-        )
+        return {
+            "": SyntheticValidation(
+                SyntheticTokens(recipe.model.vocab_size, s.seq_length, s.seed + 1, s.documents_per_sample)
+            )
+        }
     validation = getattr(dataset, "validation", None)
     if validation is None:
         raise ConfigError(
             f"eval.interval={recipe.eval.interval} needs a validation split: set data.validation_fraction or "
             "data.validation in the recipe (or eval.interval=0)"
         )
-    return validation
+    return {"": validation}
 
 
-def default_callbacks(recipe: TrainRecipe, engine, validation=None, loggers: bool = True) -> list[Callback]:
+def load_initial_weights(recipe: TrainRecipe, engine) -> None:
+    """``init_from``'s weights into the engine (the fp32 masters too; AdamW starts from zero moments), after
+    checking that they are the architecture the ``model`` section describes."""
+    from kiln.pretrain.hf_io import load_model
+
+    model, cfg = load_model(recipe.init_from)
+    check_same_architecture(recipe.model, cfg, source=recipe.init_from)
+    engine.load_full_state(model.full_state_dict(), None)
+    if engine.ctx.rank == 0:
+        print(f"initial weights from {recipe.init_from}", flush=True)
+
+
+# The ModelConfig fields that decide the weights and the function they compute; the others (attention
+# backend, fused kernels, document masking, sequence parallelism) are how this run computes it.
+ARCHITECTURE_FIELDS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "rope_scaling", "tie_word_embeddings",
+    "attention_bias", "mlp_bias",
+)  # fmt: skip
+
+
+def check_same_architecture(ours, theirs, source: str) -> None:
+    """ConfigError naming every architecture field where the recipe's ``model`` differs from ``source``'s."""
+    diffs = []
+    for name in ARCHITECTURE_FIELDS:
+        a, b = getattr(ours, name), getattr(theirs, name)
+        same = math.isclose(a, b, rel_tol=1e-6) if isinstance(a, float) and isinstance(b, float) else a == b
+        if not same:
+            diffs.append(f"model.{name}: recipe {a!r}, {source} {b!r}")
+    if diffs:
+        raise ConfigError(
+            f"init_from={source} is another architecture than the recipe's model section: " + "; ".join(diffs)
+        )
+
+
+def default_callbacks(
+    recipe: TrainRecipe, engine, validation: dict | None = None, loggers: bool = True
+) -> list[Callback]:
     """NaN guard, checkpointer, evaluator (when ``validation`` is given), throughput (tokens/s, TFLOP/s, MFU on
     GPU) and the console line; with ``loggers`` also the metrics file and W&B (offline unless the recipe says
     otherwise) under ``run_dir``. Their priorities order them, not this list."""
@@ -92,8 +158,12 @@ def default_callbacks(recipe: TrainRecipe, engine, validation=None, loggers: boo
         from kiln.pretrain.callbacks.evaluation import EngineEvaluator, validation_batches
 
         ev = recipe.eval
-        batches = validation_batches(validation, ev.batch_size or recipe.parallel.micro_batch, engine.ctx, ev.batches)
-        callbacks.append(EngineEvaluator(engine, batches, interval=ev.interval))
+        for name, split in validation.items():
+            batches = validation_batches(split, ev.batch_size or recipe.parallel.micro_batch, engine.ctx, ev.batches)
+            prefix = f"val_{name}" if name else "val"
+            callbacks.append(
+                EngineEvaluator(engine, batches, interval=ev.interval, prefix=prefix, at_start=ev.at_start)
+            )
     if loggers:
         callbacks.append(MetricsFile(recipe.run_dir))
         if recipe.wandb_mode != "disabled":
@@ -129,6 +199,8 @@ def train(
     state = new_state(recipe, ctx)
     if resume_from is not None:
         engine.load_checkpoint(resume_from, state)
+    elif recipe.init_from is not None:
+        load_initial_weights(recipe, engine)
     hooks = [*default_callbacks(recipe, engine, validation, loggers), *callbacks]
     return Trainer(recipe, engine, dataset, ctx, state=state, callbacks=hooks).fit()
 

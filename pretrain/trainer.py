@@ -7,8 +7,8 @@ What a step does (``Trainer.fit``)::
         interval.add(metrics)                     # device tensors, summed on the device
         state.advance(...)                        # step, data position, tokens
         stops.poll(state)                         # every N steps: do all ranks agree to stop / save?
-        callbacks.on_step_end(state, metrics)     # NaN guard, evaluator, checkpointer, ...
         if log step: callbacks.on_log(state, interval.summary())   # the only read of device metrics
+        callbacks.on_step_end(state, metrics)     # NaN guard, evaluator, checkpointer, ...
 
 The train module (``kiln.pretrain.train_module.TrainModule``; ``TrainEngine`` for DeepSpeed) owns model,
 optimizer, step and checkpoint files. Callbacks (``kiln.pretrain.callbacks``) run by priority and reach the
@@ -74,9 +74,9 @@ class Trainer:
                 state.advance(step.global_batch, tokens)
                 metrics.update(global_batch=step.global_batch, tokens=tokens)
                 self.stops.poll(state, force=state.step == last)
-                hooks.on_step_end(state, metrics)
                 if state.step % self.recipe.log_interval == 0 or state.step == last or state.should_stop:
-                    hooks.on_log(state, interval.summary())
+                    hooks.on_log(state, interval.summary())  # before a checkpoint of this step is written
+                hooks.on_step_end(state, metrics)
                 interval.restart_clock()
             self.stops.poll(state, force=True)  # a request that arrived after the last poll
             hooks.on_train_end(state)

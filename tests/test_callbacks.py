@@ -70,7 +70,7 @@ def test_throughput_and_console_line():
     summaries = []
     for step, seconds, loss in ((5, 0.5, 4.0), (10, 1.0, 9.0)):
         state.step, state.tokens = step, step * 4096
-        metrics = {"loss": loss, "lr": 3e-4, "grad_norm": 0.5, "tokens": 5 * 4096, "steps": 5, "step_time_s": seconds}
+        metrics = {"loss": loss, "lr": 3e-4, "grad_norm": 0.5, "tokens": 4096, "steps": 5, "step_time_s": seconds}
         hooks.on_log(state, metrics)
         summaries.append(metrics)
     assert [m["tokens_per_s"] for m in summaries] == [8192.0, 4096.0]
@@ -99,7 +99,7 @@ def test_interval_metrics_mean_over_counted_steps_and_one_summary():
         interval.restart_clock()
     out = interval.summary()
     assert out["loss"] == 3.0 and out["grad_norm"] == 0.25 and out["lr"] == 3e-3 and out["global_batch"] == 8
-    assert out["steps"] == 3 and out["skipped"] == 1 and out["tokens"] == 768 and out["skip"] is True
+    assert out["steps"] == 3 and out["skipped"] == 1 and out["interval_tokens"] == 768 and out["skip"] is True
     assert all(isinstance(out[k], float) for k in ("loss", "grad_norm", "step_time_s"))
     interval.add({"loss": torch.tensor(float("nan")), "skip": True}, tokens=256)
     again = interval.summary()  # the next interval starts empty

@@ -218,8 +218,9 @@ def test_async_save_and_a_full_format_checkpoint_resume(tmp_path):
         assert {k: v["steps"] for k, v in r.items()} == {k: v["steps"] for k, v in results[0].items()}
     got = results[0]
     assert [s[0] for s in got["async"]["steps"]] == [1, 2, 3, 4, 5, 6]
-    # save 2 and 4 were still pending when the next save came and were committed first; save 6 was synchronous
-    assert got["async"]["waits"] == [(False, None), (True, "step_0000002"), (True, "step_0000004")]
+    # save 2 and 4 were still pending when the next save came and were committed first; save 6 was synchronous,
+    # so the trainer's wait at the end (the Checkpointer's on_train_end) finds nothing pending
+    assert got["async"]["waits"] == [(False, None), (True, "step_0000002"), (True, "step_0000004"), (False, None)]
     ckpts = a / "checkpoints"
     assert all(is_complete(ckpts / f"step_{s:07d}") for s in (2, 4, 6))
     assert (ckpts / LATEST).read_text().strip() == "step_0000006" and not list(ckpts.glob("*.tmp"))

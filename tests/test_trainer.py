@@ -122,9 +122,10 @@ def test_a_signal_stops_the_run_at_the_next_poll_with_a_checkpoint(tmp_path):
                 signal.raise_signal(signal.SIGTERM)
 
     checkpointer = Checkpointer(CheckpointManager(tmp_path / "ckpt"), interval=0)
+    before = signal.getsignal(signal.SIGTERM)
     state = Trainer(recipe, module, data, _ctx(), callbacks=[Signal(), checkpointer]).fit()
     assert state.step == 6 and module.saved == [6] and "SIGTERM" in state.stop_reason and state.exit_code == 0
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the trainer's handler is gone
+    assert signal.getsignal(signal.SIGTERM) is before  # the trainer's handler is gone
 
 
 def test_a_data_error_surfaces_at_the_step_that_needs_the_batch(tmp_path):
@@ -146,6 +147,7 @@ def test_signals_are_pending_until_the_poll_agrees():
     from kiln.pretrain.cancellation import StopRequests
 
     state = TrainState(step=7)
+    before = signal.getsignal(signal.SIGTERM)
     stops = StopRequests(SimpleNamespace(world_size=1), poll_interval=10).install()
     try:
         signal.raise_signal(signal.SIGUSR1)
@@ -156,6 +158,6 @@ def test_signals_are_pending_until_the_poll_agrees():
         assert stops.received == [signal.SIGUSR1, signal.SIGTERM]
     finally:
         stops.uninstall()
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert signal.getsignal(signal.SIGTERM) is before
     with pytest.raises(ValueError, match="poll_interval must be >= 1"):
         StopRequests(SimpleNamespace(world_size=1), poll_interval=0)

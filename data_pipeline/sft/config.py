@@ -52,8 +52,6 @@ class SourceConfig:
             raise ValueError(f"name {self.name!r} must be letters, digits, '_', '-', '.' (it names output files)")
         if not self.paths:
             raise ValueError("paths is empty: give files or globs")
-        if not expand_paths(self.paths):
-            raise ValueError(f"no file matches {self.paths} (paths are relative to the working directory)")
         if self.weight is not None and self.weight < 0:
             raise ValueError(f"weight must be >= 0, got {self.weight}")
         if self.max_records is not None and self.max_records < 1:
@@ -159,6 +157,18 @@ class SFTDataRecipe:
     data: SFTDataConfig
 
 
+def check_source_paths(cfg: SFTDataConfig, source: str) -> None:
+    """ConfigError naming ``data.sources[i]`` when a source's paths match no file. Checked when the data is
+    about to be built (`kiln data sft`, or `kiln train` building a missing folder), not when a recipe is
+    loaded: ``kiln train <sft recipe> --dry-run`` plans a cluster layout where the files need not exist."""
+    for i, s in enumerate(cfg.sources):
+        if not expand_paths(s.paths):
+            raise ConfigError(
+                f"{source}: key 'data.sources[{i}]' ({s.name}): no file matches {s.paths} (paths are relative to "
+                "the working directory)"
+            )
+
+
 def load_sft_data_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> SFTDataRecipe:
     """The ``name`` and ``data`` of an SFT recipe, with ``data.*`` overrides applied, validated."""
     for text in overrides:
@@ -169,4 +179,6 @@ def load_sft_data_recipe(path: str | Path, overrides: list[str] | tuple[str, ...
     if "data" not in raw:
         raise ConfigError(f"{path}: missing required key(s): data (an SFT recipe's data section)")
     picked = {k: raw[k] for k in ("name", "data") if k in raw}
-    return build_dataclass(SFTDataRecipe, picked, source=str(path))
+    recipe = build_dataclass(SFTDataRecipe, picked, source=str(path))
+    check_source_paths(recipe.data, str(path))
+    return recipe

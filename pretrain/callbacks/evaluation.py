@@ -106,9 +106,18 @@ class EngineEvaluator(Evaluator):
         *,
         sink: Callback | None = None,
         at_end: bool = True,
+        prefix: str = "val",
+        at_start: bool = False,
     ):
         super().__init__(
-            engine_loss_fn(engine), batches, interval=interval, sink=sink, group=engine.ctx.dp_group, at_end=at_end
+            engine_loss_fn(engine),
+            batches,
+            interval=interval,
+            sink=sink,
+            group=engine.ctx.dp_group,
+            at_end=at_end,
+            prefix=prefix,
+            at_start=at_start,
         )
 
 

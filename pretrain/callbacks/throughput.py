@@ -26,7 +26,7 @@ def format_duration(seconds: float) -> str:
 class Throughput(Callback):
     """Adds ``tokens_per_s``, ``tflops_per_device`` and ``mfu`` to the interval metrics of ``on_log``.
 
-    The rates are those of the whole interval (``tokens`` over ``steps x step_time_s``, see
+    The rates are those of the whole interval (``interval_tokens`` over ``steps x step_time_s``, see
     ``kiln.pretrain.metrics``), so on a GPU they count device time, not how fast the host queued the kernels.
     Runs before the loggers (priority 40).
 
@@ -44,10 +44,12 @@ class Throughput(Callback):
         self.num_devices = num_devices
 
     def on_log(self, state: TrainState, metrics: dict[str, Any]) -> None:
-        seconds = float(metrics.get("step_time_s", 0.0)) * max(1, int(metrics.get("steps", 1)))
-        if seconds <= 0 or "tokens" not in metrics:
+        steps = max(1, int(metrics.get("steps", 1)))
+        seconds = float(metrics.get("step_time_s", 0.0)) * steps
+        tokens = metrics.get("interval_tokens", float(metrics.get("tokens", 0)) * steps)
+        if seconds <= 0 or not tokens:
             return
-        metrics["tokens_per_s"] = float(metrics["tokens"]) / seconds
+        metrics["tokens_per_s"] = float(tokens) / seconds
         if self.flops_per_token is not None:
             per_device = metrics["tokens_per_s"] * self.flops_per_token / (self.num_devices or state.world_size)
             metrics["tflops_per_device"] = per_device / 1e12
@@ -72,13 +74,15 @@ class ConsoleLogger(Callback):
             self._emit(self.format(state, metrics))
 
     def on_eval(self, state: TrainState, metrics: dict[str, Any]) -> None:
-        if not state.is_main or "val_loss" not in metrics:
+        loss_key = next((k for k in metrics if k.startswith("val") and k.endswith("_loss")), None)
+        if not state.is_main or loss_key is None:
             return
-        line = f"eval step {state.step} | val_loss {float(metrics['val_loss']):.4f}"
-        if "val_ppl" in metrics:
-            line += f" | val_ppl {float(metrics['val_ppl']):.3f}"
-        if "val_tokens" in metrics:
-            line += f" | tokens {int(metrics['val_tokens']):,}"
+        prefix = loss_key[: -len("_loss")]  # val, or val_<source> for one of several held-out splits
+        line = f"eval step {state.step} | {loss_key} {float(metrics[loss_key]):.4f}"
+        if f"{prefix}_ppl" in metrics:
+            line += f" | {prefix}_ppl {float(metrics[prefix + '_ppl']):.3f}"
+        if f"{prefix}_tokens" in metrics:
+            line += f" | tokens {int(metrics[prefix + '_tokens']):,}"
         self._emit(line)
 
     @staticmethod

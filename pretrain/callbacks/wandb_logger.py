@@ -85,6 +85,8 @@ class WandbLogger(Callback):
         )
 
     def _log(self, prefix: str, state: TrainState, metrics: dict[str, Any]) -> None:
+        if self.run is None:  # a callback that runs before this one may log from its own on_train_start
+            self.on_train_start(state)
         if self.run is None:
             return
         data = {f"{prefix}/{k}": v for k, v in _clean(metrics).items() if v is not None}

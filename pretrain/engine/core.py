@@ -143,6 +143,7 @@ class TrainEngine(TrainModule):
         and DeepSpeed's fp16 overflow check are the same sync)."""
         total = torch.zeros((), dtype=torch.float64, device=self.ctx.device)
         last = len(micro_batches) - 1
+        scale = self._token_scale(micro_batches)
         for i, mb in enumerate(micro_batches):
             mb = self._to_device(mb)
             segment_ids = mb.get("segment_ids") if self.cfg.document_masking else None
@@ -152,7 +153,10 @@ class TrainEngine(TrainModule):
                 segment_ids=segment_ids,
                 labels=mb["labels"],
                 loss_mask=mb.get("loss_mask"),
+                reduction="mean" if scale is None else "sum",
             )
+            if scale is not None:
+                loss = loss * scale
             self.engine.backward(loss)
             total += loss.detach().double()
             if i < last:
@@ -168,6 +172,22 @@ class TrainEngine(TrainModule):
             return total, False
         self._skip_update()
         return total, True
+
+    def _token_scale(self, micro_batches) -> torch.Tensor | None:
+        """``loss_normalization: global_tokens``: the factor that turns a micro-batch's summed loss into its share
+        of (sum over every trainable token of the step) / (their count over all DP ranks). DeepSpeed divides each
+        micro-batch's loss by the accumulation steps and averages gradients over DP, so the factor is
+        ``gas * dp / N``; the mean the loop reports (over micro-batches, then DP) is then exactly sum / N. The
+        count comes from the host copies of the masks (no device sync) and is all-reduced over DP on the device.
+        None for ``micro_batch_mean``."""
+        if self.recipe.loss_normalization != "global_tokens":
+            return None
+        count = sum(float(_trainable(mb).sum()) for mb in micro_batches)
+        total = torch.tensor(count, dtype=torch.float64, device=self.ctx.device)
+        dp = self.ctx.layout.dp
+        if dp > 1:
+            dist.all_reduce(total, group=self.ctx.dp_group)
+        return (len(micro_batches) * dp / total.clamp(min=1.0)).float()
 
     @torch.no_grad()
     def _clip_gradients(self) -> torch.Tensor:
@@ -207,6 +227,7 @@ class TrainEngine(TrainModule):
 
             record = self._pipeline_skip = install_pipeline_nonfinite_skip(self.engine)
         record.skipped = False
+        self.module.loss_fn.scale = self._token_scale(micro_batches)  # None: each micro-batch's token mean
         items = [self.pipeline_inputs(mb) for mb in micro_batches]
         loss = self.engine.train_batch(data_iter=iter(items))
         return loss.detach(), record.skipped
@@ -278,6 +299,14 @@ class TrainEngine(TrainModule):
     def num_parameters(self) -> int:
         """Parameters held by this rank (its TP slice of its pipeline stage), counted before ZeRO sharding."""
         return sum(deepspeed_adapter.local_numel(p) for p in self.module.parameters())
+
+
+def _trainable(mb: dict[str, torch.Tensor]) -> torch.Tensor:
+    """1 where a label carries loss: not -100 and not masked (the rule of ``kiln.pretrain.model.LMLoss``)."""
+    weight = (mb["labels"] != -100).double()
+    if mb.get("loss_mask") is not None:
+        weight = weight * mb["loss_mask"].double()
+    return weight
 
 
 __all__ = ["TrainEngine"]

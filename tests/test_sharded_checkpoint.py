@@ -46,7 +46,7 @@ def _runs(rank: int, world_size: int, runs: list[tuple[str, list[str], dict]]) -
             self.steps = []
 
         def on_step_end(self, state, metrics):
-            self.steps.append((state.step, metrics["loss"], metrics["grad_norm"]))
+            self.steps.append((state.step, float(metrics["loss"]), float(metrics["grad_norm"])))
 
     waits: list[tuple[bool, str | None]] = []
     original_wait = checkpointing.wait_for_checkpoint
@@ -65,13 +65,14 @@ def _runs(rank: int, world_size: int, runs: list[tuple[str, list[str], dict]]) -
         record = Record()
         waits.clear()
         checkpointing.wait_for_checkpoint = recording_wait
+        save = checkpointing.save_train_checkpoint  # TrainEngine.save_checkpoint looks it up at each save
         if options.get("full_format"):
-            train_module.save_train_checkpoint = checkpointing.save_full_train_checkpoint
+            checkpointing.save_train_checkpoint = checkpointing.save_full_train_checkpoint
         try:
             state = train_module.train(recipe, [record], ctx=ctx, loggers=False, engine=engine)
         finally:
             checkpointing.wait_for_checkpoint = original_wait
-            train_module.save_train_checkpoint = checkpointing.save_train_checkpoint
+            checkpointing.save_train_checkpoint = save
         result = {"steps": record.steps, "waits": list(waits)}
         if options.get("full_copy"):
             checkpointing.save_full_train_checkpoint(

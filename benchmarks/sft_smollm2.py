@@ -59,7 +59,7 @@ def _check_export(export: Path, data_dir: Path) -> dict:
     sample = pack_sample(*held.read(0))
     n = int(held.conversations(0)[0]) - 1  # the first conversation's input positions
     ours, _ = load_model(export)
-    theirs = AutoModelForCausalLM.from_pretrained(export, torch_dtype=torch.float32).eval()
+    theirs = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32).eval()
     with torch.no_grad():
         a = ours.eval()(sample["input_ids"][None, :n])[0]
         b = theirs(sample["input_ids"][None, :n]).logits[0]
@@ -79,25 +79,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=4, help="optimizer steps (default 4)")
     parser.add_argument("--run-dir", default="runs/sft/hybrid_cpu_short", help="where the run writes")
     parser.add_argument("--no-record", action="store_true", help="do not append to benchmarks/results/")
+    parser.add_argument(
+        "--reuse-run", action="store_true", help="keep a finished run in --run-dir (its last checkpoint): export only"
+    )
     args = parser.parse_args(argv)
     run_dir = REPO / args.run_dir
     data_dir = REPO / "runs" / "sft" / "hybrid_cpu" / "data"
+    ckpt = run_dir / "checkpoints" / f"step_{args.steps:07d}"
     start = time.perf_counter()
-    _kiln(
-        "train", "recipes/sft/hybrid_cpu.yaml", f"train_steps={args.steps}", f"run_dir={args.run_dir}",
-        f"eval.interval={args.steps}", f"checkpoint.interval={args.steps}", "log_interval=1", "eval.at_start=true",
-    )  # fmt: skip
+    if not (args.reuse_run and ckpt.is_dir()):
+        _kiln(
+            "train", "recipes/sft/hybrid_cpu.yaml", f"train_steps={args.steps}", f"run_dir={args.run_dir}",
+            f"eval.interval={args.steps}", f"checkpoint.interval={args.steps}", "log_interval=1", "eval.at_start=true",
+        )  # fmt: skip
     train_s = time.perf_counter() - start
     losses = _eval_losses(run_dir)
     first, last = losses[0], losses[args.steps]
-    ckpt = run_dir / "checkpoints" / f"step_{args.steps:07d}"
     export = run_dir / "hf"
     _kiln("export-hf", str(ckpt), "--out", str(export))
     check = _check_export(export, data_dir)
     lines = [
         f"## {datetime.date.today()} - {platform.node()} ({os.cpu_count()} CPUs, {platform.machine()})",
         "",
-        f"Command: `python -m benchmarks.sft_smollm2 --steps {args.steps}` ({train_s / 60:.1f} min of training)",
+        f"Command: `python -m benchmarks.sft_smollm2 --steps {args.steps}`"
+        + (f" ({train_s / 60:.1f} min of training)" if train_s > 1 else " (export of an earlier run: --reuse-run)"),
         "",
         f"| held-out loss | step 0 | step {args.steps} | change |",
         "|---|---|---|---|",

@@ -78,7 +78,10 @@ def test_layout_errors_name_the_problem(overrides, world, message):
         (["batch_rampup.start=2", "batch_rampup.increment=4", "batch_rampup.ramp_samples=10"], "must be a multiple"),
         (["precision=fp16"], "expected one of ['fp32', 'bf16']"),
         (["parallel.tpp=2"], "Did you mean 'tp'?"),
-        (["data={datasets: [{prefix: x}]}"], "set exactly one of 'data' (indexed datasets) or 'synthetic_data'"),
+        (
+            ["data={datasets: [{prefix: x}]}"],
+            "set exactly one of 'data' (indexed datasets, or an SFT recipe's builder section) or 'synthetic_data'",
+        ),
     ],
 )
 def test_recipe_errors_before_any_process_group(overrides, message):

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from kiln.pretrain.callbacks.base import Callback
+from kiln.pretrain.engine.batches import trainable_tokens
 from kiln.pretrain.evaluate import Evaluator, evaluate
 
 Batch = dict[str, torch.Tensor]
@@ -36,10 +37,7 @@ def engine_loss_fn(engine) -> Callable[[Batch], tuple[torch.Tensor, torch.Tensor
     slice of a validation batch; see the module docstring."""
 
     def counted(batch: Batch) -> torch.Tensor:
-        weight = (batch["labels"] != -100).double()
-        if batch.get("loss_mask") is not None:
-            weight = weight * batch["loss_mask"].double()
-        return weight.sum()
+        return trainable_tokens(batch).sum()
 
     def plain(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         mb = engine._to_device(batch)

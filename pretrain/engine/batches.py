@@ -70,6 +70,15 @@ def local_micro_batches(
     return [collate_indices(dataset, indices[j : j + micro_batch]) for j in range(0, len(indices), micro_batch)]
 
 
+def trainable_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """1.0 where a label carries loss: not -100 and not masked (the rule of ``kiln.pretrain.model.LMLoss``),
+    as float64 so that counts over many batches stay exact."""
+    weight = (batch["labels"] != -100).double()
+    if batch.get("loss_mask") is not None:
+        weight = weight * batch["loss_mask"].double()
+    return weight
+
+
 def collate_indices(dataset, indices: Sequence[int]) -> dict[str, torch.Tensor]:
     return collate([dataset[int(i)] for i in indices])
 
@@ -209,4 +218,5 @@ __all__ = [
     "SyntheticValidation",
     "collate_indices",
     "local_micro_batches",
+    "trainable_tokens",
 ]

@@ -45,6 +45,7 @@ from kiln.parallel.pipeline import model_param_name
 from kiln.parallel.tensor_parallel import tp_split_dim
 from kiln.parallel.topology import ParallelContext
 from kiln.pretrain.engine import deepspeed_adapter
+from kiln.pretrain.engine.batches import trainable_tokens
 from kiln.pretrain.engine.zero import deepspeed_config, effective_zero_stage, single_replica, weight_decay_groups
 from kiln.pretrain.model import KilnLlama, positions_from_segments
 from kiln.pretrain.recipe import TrainRecipe
@@ -182,7 +183,7 @@ class TrainEngine(TrainModule):
         None for ``micro_batch_mean``."""
         if self.recipe.loss_normalization != "global_tokens":
             return None
-        count = sum(float(_trainable(mb).sum()) for mb in micro_batches)
+        count = sum(float(trainable_tokens(mb).sum()) for mb in micro_batches)
         total = torch.tensor(count, dtype=torch.float64, device=self.ctx.device)
         dp = self.ctx.layout.dp
         if dp > 1:
@@ -299,14 +300,6 @@ class TrainEngine(TrainModule):
     def num_parameters(self) -> int:
         """Parameters held by this rank (its TP slice of its pipeline stage), counted before ZeRO sharding."""
         return sum(deepspeed_adapter.local_numel(p) for p in self.module.parameters())
-
-
-def _trainable(mb: dict[str, torch.Tensor]) -> torch.Tensor:
-    """1 where a label carries loss: not -100 and not masked (the rule of ``kiln.pretrain.model.LMLoss``)."""
-    weight = (mb["labels"] != -100).double()
-    if mb.get("loss_mask") is not None:
-        weight = weight * mb["loss_mask"].double()
-    return weight
 
 
 __all__ = ["TrainEngine"]

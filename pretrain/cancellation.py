@@ -55,6 +55,12 @@ class StopRequests:
             signal.signal(s, previous)
         self._previous.clear()
 
+    def __enter__(self) -> StopRequests:
+        return self.install()
+
+    def __exit__(self, *exc) -> None:
+        self.uninstall()
+
     def poll(self, state: TrainState, force: bool = False) -> None:
         """At a poll step (every ``poll_interval`` steps, or ``force``), agree on the requests of all ranks and
         set ``state.should_save`` / ``should_stop`` alike on every rank. All ranks must call it at the same

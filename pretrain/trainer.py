@@ -17,6 +17,7 @@ trainer through ``callback.trainer``. ``kiln.pretrain.train.train`` builds a tra
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -108,20 +109,7 @@ class Trainer:
     def _signals(self):
         """SIGTERM / SIGUSR1 become stop-and-save requests while the loop runs (signals can only be handled on
         the main thread: a trainer run from another thread leaves them alone)."""
-        return _SignalScope(self.stops if threading.current_thread() is threading.main_thread() else None)
-
-
-class _SignalScope:
-    def __init__(self, stops: StopRequests | None):
-        self.stops = stops
-
-    def __enter__(self) -> None:
-        if self.stops is not None:
-            self.stops.install()
-
-    def __exit__(self, *exc) -> None:
-        if self.stops is not None:
-            self.stops.uninstall()
+        return self.stops if threading.current_thread() is threading.main_thread() else contextlib.nullcontext()
 
 
 def new_state(recipe: TrainRecipe, ctx: Any) -> TrainState:

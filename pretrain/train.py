@@ -106,7 +106,8 @@ def load_initial_weights(recipe: TrainRecipe, engine) -> None:
 
     model, cfg = load_model(recipe.init_from)
     check_same_architecture(recipe.model, cfg, source=recipe.init_from)
-    engine.load_full_state(model.full_state_dict(), None)
+    # the parameters themselves, not full_state_dict()'s copies: the engine copies them into its own buffers
+    engine.load_full_state({name: p.detach() for name, p in model.named_parameters()}, None)
     if engine.ctx.rank == 0:
         print(f"initial weights from {recipe.init_from}", flush=True)
 

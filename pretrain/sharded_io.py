@@ -54,10 +54,10 @@ class SnapshotStager:
         return {key: snapshot(value) for key, value in state_dict.items()}
 
     def synchronize_staging(self) -> None:
-        pass
+        pass  # `stage` copies synchronously: when it returns there is nothing left to wait for
 
     def close(self) -> None:
-        pass
+        pass  # the stager holds no pool, stream or pinned buffer to release
 
 
 def snapshot(value):

@@ -2,8 +2,14 @@
 
 Loop comparison (always; on CPU here, and on the GPU when one is present, both sides on it): the same
 ``KilnLlama`` (``kiln.pretrain.model``), the same data (``SyntheticTokens`` packed samples, cut into micro-batches by
-the trainer's own ``local_micro_batches``), the same AdamW (decay on matrices only, same betas/eps/lr
-schedule), the same gradient clipping, the same global batch and gradient accumulation, fp32, one process.
+the trainer's own ``local_micro_batches``), the same AdamW update rule (decay on matrices only, same
+betas/eps/lr schedule), the same gradient clipping, the same global batch and gradient accumulation, fp32, one
+process. Each side runs AdamW the way its user gets it by default: the plain loop ``torch.optim.AdamW(params)``
+(one tensor at a time on CPU, ``foreach`` on CUDA), our trainer its recipe default ``optimizer.implementation:
+fused`` (one fused kernel per parameter group, as torchtitan's default); ``--optimizer-implementation for-loop``
+runs our trainer with the plain loop's kernel instead, for a like-for-like comparison of everything else. The
+two kernels round differently, so the per-step losses then agree to float rounding (about 1e-7 relative) instead
+of bitwise.
 
 - kiln: ``kiln.pretrain.train.train`` with its default callbacks (NaN guard, throughput, console line; no metrics
   file / W&B), i.e. the DeepSpeed engine (ZeRO stage as in the recipe) on a 1-rank gloo group;
@@ -106,10 +112,14 @@ GPU_MODEL = {  # ~1.24B parameters (Llama-3.2-1B geometry)
 }
 
 
-def make_recipe(model: dict, seq: int, micro: int, global_batch: int, steps: int, zero_stage: int, precision: str):
+def make_recipe(
+    model: dict, seq: int, micro: int, global_batch: int, steps: int, zero_stage: int, precision: str,
+    extra: tuple[str, ...] = (),
+):  # fmt: skip
     from kiln.pretrain.recipe import load_recipe
 
     overrides = [f"model.{k}={v}" for k, v in model.items()] + [
+        *extra,
         f"synthetic_data.seq_length={seq}",
         "synthetic_data.documents_per_sample=4",
         f"parallel.micro_batch={micro}",
@@ -380,7 +390,10 @@ def cpu_comparison(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     steps = args.warmup + args.steps
-    recipe = make_recipe(CPU_MODEL, args.seq, args.micro_batch, args.global_batch, steps, args.zero_stage, "fp32")
+    implementation = f"optimizer.implementation={args.optimizer_implementation}"
+    recipe = make_recipe(
+        CPU_MODEL, args.seq, args.micro_batch, args.global_batch, steps, args.zero_stage, "fp32", (implementation,)
+    )
     s = recipe.synthetic_data
     dataset = SyntheticTokens(recipe.model.vocab_size, s.seq_length, s.seed, s.documents_per_sample)
     single_rank_env()
@@ -647,7 +660,9 @@ def report(cmd: str, cpu: dict, gpu: dict | None, gpu_reason: str) -> str:
         f"{n_params / 1e6:.1f}M parameters; fp32; seq {r.seq_length} (4 packed documents per sample); "
         f"micro-batch {r.parallel.micro_batch}, global batch {r.parallel.global_batch} "
         f"({cpu['tokens_per_step']} tokens/step, "
-        f"{r.parallel.global_batch // r.parallel.micro_batch} micro-batches); AdamW, clip 1.0; "
+        f"{r.parallel.global_batch // r.parallel.micro_batch} micro-batches); AdamW (kiln: "
+        f"`optimizer.implementation: {r.optimizer.implementation}`; plain: `torch.optim.AdamW(params)`'s default), "
+        "clip 1.0; "
         f"kiln recipe ZeRO stage {r.parallel.zero_stage} (at DP = 1 the engine runs ZeRO 0 without the 1-rank "
         "gradient all-reduce and clips itself: kiln.pretrain.engine.zero.effective_zero_stage)" + ".",
         "",
@@ -661,10 +676,10 @@ def report(cmd: str, cpu: dict, gpu: dict | None, gpu_reason: str) -> str:
             f"| {side} | {s['n']} | {s['median_s']:.4f} | {s['min_s']:.4f} | {s['max_s']:.4f} | "
             f"{s['tokens_per_s']:,.0f} | {s['cpu_median_s']:.4f} | {s['tokens_per_cpu_s']:,.0f} |"
         )
-    goal = "meets" if cpu["ratio"] >= 0.95 else "misses"
+    goal = "meets" if cpu["ratio"] >= 1.0 else "misses"
     lines += [
         "",
-        f"Ratio kiln / plain tokens/s: **{cpu['ratio']:.3f}x** ({goal} the >= 0.95x goal); median of the "
+        f"Ratio kiln / plain tokens/s: **{cpu['ratio']:.3f}x** ({goal} issue 9's >= 1.0x goal); median of the "
         f"per-step paired ratios: {cpu['paired_ratio']:.3f}x; ratio of CPU time per step (plain / kiln): "
         f"{cpu['cpu_ratio']:.3f}x. "
         f"Largest relative difference between the two sides' per-step losses: {cpu['max_loss_rel_diff']:.1e}.",
@@ -700,6 +715,13 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=20, help="timed steps per round and side")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    p.add_argument(
+        "--optimizer-implementation",
+        default="fused",
+        choices=["fused", "foreach", "for-loop"],
+        help="kiln side's optimizer.implementation (default: the recipes' default, fused; the plain loop always "
+        "runs torch.optim.AdamW's default)",
+    )
     p.add_argument(
         "--skip-dp1-allreduce",
         action="store_true",

@@ -64,7 +64,9 @@ def ensure_adam_state(engine: TrainEngine, step: int) -> None:
             state["exp_avg"] = torch.zeros_like(t, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(t, memory_format=torch.preserve_format)
         if "step" not in state:
-            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            # as AdamW's lazy init: the fused kernel reads the step count on the parameter's device
+            fused = bool(inner.defaults.get("fused"))
+            state["step"] = torch.tensor(0.0, dtype=torch.float32, device=t.device if fused else "cpu")
         if torch.is_tensor(state["step"]):
             state["step"].fill_(float(step))
         else:

@@ -60,6 +60,7 @@ def deepspeed_config(recipe: TrainRecipe, layout: Layout, global_batch: int | No
                 "weight_decay": opt.weight_decay,
                 "torch_adam": True,
                 "adam_w_mode": True,
+                **adamw_implementation_kwargs(opt.implementation),
             },
         },
         # a single replica clips in TrainEngine (which also reports the norm); DeepSpeed elsewhere
@@ -75,6 +76,12 @@ def deepspeed_config(recipe: TrainRecipe, layout: Layout, global_batch: int | No
     }
 
 
+def adamw_implementation_kwargs(implementation: str) -> dict[str, bool]:
+    """``torch.optim.AdamW``'s keyword for ``optimizer.implementation``. DeepSpeed's ``torch_adam`` path hands the
+    remaining optimizer params to ``torch.optim.AdamW`` as they are (``fused``) and passes ``foreach`` itself."""
+    return {"fused": {"fused": True}, "foreach": {"foreach": True}, "for-loop": {"foreach": False}}[implementation]
+
+
 def weight_decay_groups(named_params, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW parameter groups: decay matrices (projections, embeddings), not vectors (norms, biases)."""
     decay, no_decay = [], []
@@ -88,6 +95,7 @@ def weight_decay_groups(named_params, weight_decay: float) -> list[dict[str, Any
 
 
 __all__ = [
+    "adamw_implementation_kwargs",
     "deepspeed_config",
     "effective_zero_stage",
     "single_replica",

@@ -37,15 +37,18 @@ META_PREFIX_KEY = "meco_prefix"
 
 @dataclass
 class MetadataConfig:
+    """The metadata stage: which prefix each document gets (the kinds are described at the top of this module)."""
+
+    # url_host (MeCo), url_hash (the hashed-URL variant) or field (a metadata field)
     kind: Literal["url_host", "url_hash", "field"] = "url_host"
     url_key: str = "url"  # document metadata key holding the source URL
-    strip_www: bool = False
-    hash_chars: int = 16
-    hash_salt: str = ""
+    strip_www: bool = False  # fold www.example.com into example.com
+    hash_chars: int = 16  # url_hash: hex characters of sha256(salt + host) kept
+    hash_salt: str = ""  # url_hash: salt prepended to the host before hashing
     field: str = "topic"  # for kind "field"
     label: str | None = None  # default: "URL" for url kinds, the capitalised field name for "field"
-    template: str = "{label}: {value}\n\n"
-    output_key: str = META_PREFIX_KEY
+    template: str = "{label}: {value}\n\n"  # the prefix; {label} and {value} are filled in
+    output_key: str = META_PREFIX_KEY  # doc.metadata key that receives the prefix (what tokenize meco reads)
 
     def validate(self) -> None:
         if not 4 <= self.hash_chars <= 64:

@@ -24,24 +24,26 @@ from kiln.data_pipeline.refine.config import RefineConfig
 
 @dataclass
 class SlurmConfig:
-    partition: str | None = None
-    time: str = "24:00:00"
-    cpus_per_task: int = 1
-    mem_per_cpu_gb: float = 2.0
-    qos: str = "normal"
+    partition: str | None = None  # sbatch --partition; None: the cluster's default partition
+    time: str = "24:00:00"  # sbatch --time: wall-clock limit of each stage's array job
+    cpus_per_task: int = 1  # CPUs per task of the job array (one task = one shard of the input)
+    mem_per_cpu_gb: float = 2.0  # sbatch --mem-per-cpu, in GB
+    qos: str = "normal"  # sbatch --qos
     venv_path: str | None = None  # activated in the sbatch script; default: the running interpreter's venv
+    # any other sbatch options, e.g. {account: myproj, constraint: cpu}
     sbatch_args: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
 class RayConfig:
     address: str | None = None  # None: start a local Ray instance (loopback) unless one is already initialised
-    cpus_per_task: int = 1
-    mem_per_cpu_gb: float = 2.0
+    cpus_per_task: int = 1  # CPUs Ray reserves for each task
+    mem_per_cpu_gb: float = 2.0  # memory Ray reserves per reserved CPU, in GB
 
 
 @dataclass
 class ExecutorConfig:
+    # local: datatrove's multiprocess executor on this machine; slurm: an sbatch job chain; ray: Ray tasks
     kind: Literal["local", "slurm", "ray"] = "local"
     tasks: int = 4  # shards of the input; the kept set depends on it (dedup keeps the first of (rank, index))
     workers: int = -1  # processes at once; -1 = min(tasks, cpu count)
@@ -66,8 +68,8 @@ class TokenizeStageConfig:
     tokenizer: str  # a sentencepiece .model, a `kiln data train-tokenizer` folder, or an HF tokenizer folder
     output_prefix: str | None = None  # default: <output_dir>/tokens/<name>
     meco: bool = False  # also write <prefix>_meco / <prefix>_plain (needs the `metadata` stage)
-    batch_size: int = 1000
-    num_threads: int = 1
+    batch_size: int = 1000  # documents encoded per tokenizer call (sentencepiece encodes a list in one C++ call)
+    num_threads: int = 1  # encoding threads per task
 
     def validate(self) -> None:
         if not os.path.exists(self.tokenizer):
@@ -78,8 +80,8 @@ class TokenizeStageConfig:
 
 @dataclass
 class DataRecipe:
-    name: str
-    output_dir: str
+    name: str  # the run's name: the default tokenized prefix <output_dir>/tokens/<name> and the Slurm job names
+    output_dir: str  # the run directory: output/ (kept), excluded/, rejects/, logs/, report/, tokens/
     inputs: list[InputConfig]
     filters: list[FilterConfig] = field(default_factory=list)
     dedup: DedupConfig | None = field(default_factory=DedupConfig)

@@ -12,7 +12,14 @@ from kiln.commands import register_modules
 from kiln.config import ConfigError
 
 # Modules that contribute subcommands. A module listed here must import quickly (no torch at import time).
-COMMAND_MODULES = ("kiln.demo", "kiln.recipes_command", "kiln.data_pipeline.cli", "kiln.pretrain.cli", "kiln.agent.cli")
+COMMAND_MODULES = (
+    "kiln.demo",
+    "kiln.recipes_command",
+    "kiln.data_pipeline.cli",
+    "kiln.pretrain.cli",
+    "kiln.agent.cli",
+    "kiln.docs_command",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

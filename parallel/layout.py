@@ -14,12 +14,13 @@ from dataclasses import dataclass
 class ParallelConfig:
     """Tensor x pipeline x data parallelism, ZeRO, batch sizes (in samples of ``data.seq_length`` tokens)."""
 
-    tp: int = 1
-    pp: int = 1
+    tp: int = 1  # tensor-parallel size: ranks splitting each layer's matrices (keep inside a node)
+    pp: int = 1  # pipeline-parallel size: stages of consecutive layers (1F1B schedule)
     dp: int = -1  # -1: derived as world_size // (tp * pp)
-    zero_stage: int = 1
+    zero_stage: int = 1  # DeepSpeed ZeRO: 1 shards optimizer state over DP, 2 also gradients, 3 also weights
     micro_batch: int = 1  # samples per micro-batch per data-parallel rank
     global_batch: int = 8  # samples per optimizer step, over all data-parallel ranks
+    # recompute each decoder layer in the backward pass instead of keeping its activations
     activation_checkpointing: bool = False
     collective_timeout_s: float = 600.0  # a collective that waits longer ends the job instead of hanging it
 

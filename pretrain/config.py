@@ -57,23 +57,24 @@ class ModelConfig:
     """A Llama-architecture decoder. Defaults are SmolLM2-135M's shape."""
 
     # --- Hugging Face LlamaConfig fields (same names, same meaning) ---
-    vocab_size: int = 49152
-    hidden_size: int = 576
-    intermediate_size: int = 1536
-    num_hidden_layers: int = 30
-    num_attention_heads: int = 9
+    vocab_size: int = 49152  # rows of the embedding and of the output head
+    hidden_size: int = 576  # width of the residual stream
+    intermediate_size: int = 1536  # width of the SwiGLU MLP (each of gate, up)
+    num_hidden_layers: int = 30  # decoder layers
+    num_attention_heads: int = 9  # query heads
     num_key_value_heads: int | None = 3  # None -> num_attention_heads (multi-head attention)
     head_dim: int | None = 64  # None -> hidden_size // num_attention_heads
-    max_position_embeddings: int = 8192
-    rms_norm_eps: float = 1e-5
-    rope_theta: float = 100000.0
+    max_position_embeddings: int = 8192  # longest sequence the RoPE variant is set up for (HF's field)
+    rms_norm_eps: float = 1e-5  # epsilon of every RMSNorm
+    rope_theta: float = 100000.0  # RoPE base frequency
+    # HF rope parameters other than theta (linear, dynamic, yarn, llama3); see the module docstring
     rope_scaling: dict[str, Any] | None = None
-    tie_word_embeddings: bool = True
-    attention_bias: bool = False
-    mlp_bias: bool = False
-    bos_token_id: int | None = 1
-    eos_token_id: int | list[int] | None = 2
-    pad_token_id: int | None = None
+    tie_word_embeddings: bool = True  # the output head reuses the input embedding matrix
+    attention_bias: bool = False  # biases on the q, k, v and o projections
+    mlp_bias: bool = False  # biases on the MLP projections
+    bos_token_id: int | None = 1  # beginning-of-sequence token id, written to the exported HF config
+    eos_token_id: int | list[int] | None = 2  # end-of-sequence token id(s): generation stops there
+    pad_token_id: int | None = None  # padding token id of the exported HF config (training packs, it never pads)
 
     # --- ours ---
     # Attention path in kernels.attention: auto = flash-attn (GPU) -> Triton (GPU) -> SDPA.
@@ -208,8 +209,8 @@ class ModelConfig:
 class DatasetSpec:
     """One dataset of the blend: a prefix written by `kiln data tokenize` and its relative weight."""
 
-    prefix: str
-    weight: float = 1.0
+    prefix: str  # path prefix of <prefix>.bin / .idx / .meta.json (with MeCo: of the _meco and _plain twins)
+    weight: float = 1.0  # relative share of the blend's samples
 
     def validate(self) -> None:
         if not self.prefix:
@@ -220,7 +221,9 @@ class DatasetSpec:
 
 @dataclass
 class MecoConfig:
-    enabled: bool = False
+    """MeCo: train on the metadata-conditioned twins, then cool down on the plain ones (``kiln.pretrain.data``)."""
+
+    enabled: bool = False  # read each dataset's _meco twin first, then its _plain twin for the cooldown
     # the last fraction of training steps uses the plain twins (MeCo: 10%)
     cooldown_fraction: float = 0.1
 
@@ -231,9 +234,11 @@ class MecoConfig:
 
 @dataclass
 class DataConfig:
-    datasets: list[DatasetSpec] = field(default_factory=list)
-    seq_length: int = 2048
-    seed: int = 1234
+    """The pretraining data: a weighted blend of `kiln data tokenize` datasets, read by ``kiln.pretrain.data``."""
+
+    datasets: list[DatasetSpec] = field(default_factory=list)  # the weighted blend
+    seq_length: int = 2048  # tokens per training sample
+    seed: int = 1234  # seed of the blend and the document shuffles: sample i depends only on it and i
     meco: MecoConfig = field(default_factory=MecoConfig)
     # held-out documents of each training dataset (ignored when `validation` lists datasets)
     validation_fraction: float = 0.0

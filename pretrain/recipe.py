@@ -38,10 +38,11 @@ from kiln.pretrain.config import DataConfig, ModelConfig
 class OptimizerConfig:
     """AdamW. Weight decay applies to matrices (projections, embeddings), not to norms and biases."""
 
-    lr: float = 3e-4
+    lr: float = 3e-4  # peak learning rate (the schedule scales it)
+    # AdamW (beta1, beta2); beta2 0.95 as MT-NLG and Llama use against loss spikes
     betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    weight_decay: float = 0.1
+    eps: float = 1e-8  # AdamW epsilon
+    weight_decay: float = 0.1  # decoupled weight decay of the matrices (norms and biases get none)
     clip_grad: float = 1.0  # global gradient-norm clip over all TP/PP/DP shards; 0 disables
     # How torch.optim.AdamW runs the update, the same rule each way up to float rounding: ``fused`` (one kernel
     # over all of a group's tensors, on CPU and CUDA; torchtitan's default), ``foreach`` (multi-tensor ops) or
@@ -71,11 +72,12 @@ class ScheduleConfig:
     warm-up then constant.
     """
 
+    # cosine, wsd (warmup-stable-decay) or constant, as described above
     kind: Literal["cosine", "wsd", "constant"] = "cosine"
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.1
+    warmup_steps: int = 0  # optimizer steps of linear warm-up from 0 to optimizer.lr
+    min_lr_ratio: float = 0.1  # the final learning rate as a fraction of optimizer.lr
     decay_steps: int | None = None  # cosine: step at which min_lr is reached; None = train_steps
-    wsd_decay_fraction: float = 0.2
+    wsd_decay_fraction: float = 0.2  # wsd: the last fraction of training that decays linearly
 
     def validate(self) -> None:
         if self.warmup_steps < 0:
@@ -94,9 +96,9 @@ class BatchRampupConfig:
     every ``ramp_samples / ((global_batch - start) / increment)`` consumed samples, reaching
     ``parallel.global_batch`` after ``ramp_samples`` samples. ``start: 0`` disables the ramp."""
 
-    start: int = 0
-    increment: int = 0
-    ramp_samples: int = 0
+    start: int = 0  # samples in the first step (0: no ramp)
+    increment: int = 0  # samples added at each growth of the batch
+    ramp_samples: int = 0  # samples consumed by the time the batch reaches parallel.global_batch
 
     @property
     def enabled(self) -> bool:
@@ -113,8 +115,8 @@ class SyntheticDataConfig:
     on ``seed`` and ``i``, so every layout sees the same data. Used by tests and the CPU demo; real runs put
     the indexed-dataset blend in ``data`` instead."""
 
-    seq_length: int = 32
-    seed: int = 1234
+    seq_length: int = 32  # tokens per sample
+    seed: int = 1234  # seed of the sequences (validation uses seed + 1)
     documents_per_sample: int = 1  # > 1: packed documents (segment ids, document masking)
 
     def validate(self) -> None:
@@ -128,9 +130,9 @@ class CheckpointConfig:
     every ``interval`` steps (0: only on pre-emption signals and at the end of training), keeping the newest
     ``keep_last``. ``dir`` defaults to ``<run_dir>/checkpoints``."""
 
-    interval: int = 0
-    keep_last: int = 3
-    dir: str | None = None
+    interval: int = 0  # steps between periodic checkpoints (0: only on signals and at the end)
+    keep_last: int = 3  # complete checkpoints kept; older ones are deleted
+    dir: str | None = None  # where checkpoints go (null: <run_dir>/checkpoints)
     save_final: bool = True  # with interval > 0: also save at the last step
     # write periodic checkpoints in a background thread: the step waits only for a copy of this rank's shards
     # (host memory: one more copy of them until the write ends); the last save of a run is always synchronous
@@ -156,9 +158,9 @@ class EvalConfig:
     or ``data.validation``); with ``synthetic_data`` it is a synthetic source of another seed
     (``synthetic_data.seed + 1``)."""
 
-    interval: int = 0
-    batches: int = 8
-    batch_size: int | None = None
+    interval: int = 0  # steps between evaluations (0: off)
+    batches: int = 8  # global validation batches per evaluation
+    batch_size: int | None = None  # validation samples per data-parallel rank (null: parallel.micro_batch)
     at_start: bool = False  # also evaluate before the first step: the baseline of a fine-tuning curve
     per_source: bool = False  # SFT: a held-out loss per source too, besides the agent / general ones
 
@@ -187,13 +189,13 @@ class TrainRecipe:
     # weights and optimizer state kept by DeepSpeed (GPU).
     precision: Literal["fp32", "bf16"] = "fp32"
     seed: int = 0  # weight init; the data order has its own seed in the data section
-    train_steps: int = 100
-    log_interval: int = 10
+    train_steps: int = 100  # optimizer steps of the run (the schedule and the MeCo switch count them)
+    log_interval: int = 10  # steps between console lines (the loss is read from the device only then)
     # Steps between the all-reduce that makes every rank agree on stop/save requests (a SIGTERM may reach
     # some ranks only). 1 = every step; each poll waits for the device, so not every step by default. It must
     # fit in the scheduler's grace period: poll steps x step time < the seconds between SIGTERM and SIGKILL.
     flag_poll_interval: int = 10
-    run_dir: str = "runs/pretrain"
+    run_dir: str = "runs/pretrain"  # logs, metrics.jsonl, W&B files and (by default) checkpoints go here
     wandb_mode: Literal["offline", "online", "disabled"] = "offline"  # offline: files under run_dir, no network
     max_nan_steps: int = 10  # stop the run once more steps than this had a NaN/inf loss
     synthetic_data: SyntheticDataConfig | None = None

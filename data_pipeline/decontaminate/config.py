@@ -36,7 +36,7 @@ class EvalSetConfig:
     name: the set's name in the report (default: the file name without its suffixes).
     """
 
-    path: str
+    path: str  # the evaluation set's file (JSONL, JSON array, Parquet or text)
     text_key: str = "text"
     name: str | None = None
 
@@ -82,8 +82,10 @@ class DecontaminateConfig:
     """
 
     kind: Literal["decontaminate"] = "decontaminate"
+    # the evaluation sets whose n-grams are removed from the training data
     eval_sets: list[EvalSetConfig] = field(default_factory=list)
-    ngram: int = 13
+    ngram: int = 13  # words per n-gram (GPT-3 / MT-NLG: 13)
+    # drop: remove an overlapping document; split: cut the overlaps out (see above)
     policy: Literal["drop", "split"] = "drop"
     margin_chars: int = 200  # split: characters removed either side of an overlapping span
     min_piece_chars: int = 200  # split: shorter pieces are discarded

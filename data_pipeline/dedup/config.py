@@ -24,17 +24,17 @@ class MinhashConfig:
     ``1/workers_per_bucket`` of one band's hashes in memory.
     """
 
-    ngram: int = 5
-    buckets: int = 14
-    hashes_per_bucket: int = 8
-    seed: int = 1
-    verify_threshold: float | None = 0.7
-    workers_per_bucket: int = 1
+    ngram: int = 5  # words per shingle
+    buckets: int = 14  # LSH bands
+    hashes_per_bucket: int = 8  # min-hashes per band
+    seed: int = 1  # seed of the hash functions (the same seed gives the same signatures)
+    verify_threshold: float | None = 0.7  # drop candidate pairs whose estimated Jaccard is below it (null: keep all)
+    workers_per_bucket: int = 1  # tasks sharing one band's hash range (memory per task: 1/this)
     # text normalisation before shingling (same meaning as datatrove's TextNormConfig)
     lowercase: bool = True
-    remove_punctuation: bool = True
-    norm_numbers: bool = True
-    norm_diacritics: bool = True
+    remove_punctuation: bool = True  # delete punctuation before shingling
+    norm_numbers: bool = True  # replace digits by 0 before shingling
+    norm_diacritics: bool = True  # strip accents before shingling
 
     @property
     def num_hashes(self) -> int:
@@ -64,12 +64,12 @@ class DedupConfig:
     A document that is several kinds of duplicate is counted once, with precedence exact > url > minhash.
     """
 
-    exact: bool = True
-    url: bool = True
+    exact: bool = True  # drop documents whose normalised content equals an earlier one's
+    url: bool = True  # drop documents whose normalised URL equals an earlier one's
     minhash: MinhashConfig | None = field(default_factory=MinhashConfig)
-    exact_lowercase: bool = True
-    exact_collapse_whitespace: bool = True
-    url_drop_query: bool = False
+    exact_lowercase: bool = True  # exact dedup compares lowercased text
+    exact_collapse_whitespace: bool = True  # exact dedup collapses whitespace runs and strips the ends
+    url_drop_query: bool = False  # URL dedup also ignores the query string
 
     def validate(self) -> None:
         # minhash checks itself: kiln.config.validate_tree runs each hook once (the dedup steps call it too).

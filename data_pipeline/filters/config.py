@@ -89,22 +89,23 @@ class GopherQualityConfig:
     """
 
     kind: Literal["gopher_quality"] = "gopher_quality"
+    # "kiln": our class (same decisions, one word split per document); "datatrove": the stock one
     implementation: Implementation = "kiln"
     # Words that are not only punctuation. Not nullable: datatrove's filter divides by the word count, so this
     # rule (>= 1) is what keeps empty documents from crashing it.
     min_doc_words: int = 50
-    max_doc_words: int | None = 100_000
-    min_avg_word_length: float | None = 3
-    max_avg_word_length: float | None = 10
+    max_doc_words: int | None = 100_000  # at most this many words (null: no limit)
+    min_avg_word_length: float | None = 3  # mean word length at least this many characters
+    max_avg_word_length: float | None = 10  # mean word length at most this many characters
     max_symbol_word_ratio: float | None = 0.1  # '#' and '...' per word
-    max_bullet_lines_ratio: float | None = 0.9
-    max_ellipsis_lines_ratio: float | None = 0.3
+    max_bullet_lines_ratio: float | None = 0.9  # max fraction of lines starting with a bullet
+    max_ellipsis_lines_ratio: float | None = 0.3  # max fraction of lines ending in an ellipsis
     # Fraction of words that must contain a letter. datatrove calls it `max_non_alpha_words_ratio` (its own TODO
     # says the name is wrong); we use the name that says what it does.
     min_alpha_words_ratio: float | None = 0.8
-    min_stop_words: int | None = 2
+    min_stop_words: int | None = 2  # at least this many of stop_words must occur
     stop_words: list[str] | None = None  # None: Gopher's ["the", "be", "to", "of", "and", "that", "have", "with"]
-    language: str = "en"
+    language: str = "en"  # language of datatrove's word tokenizer (ISO 639-1/3 code)
 
     def validate(self) -> None:
         _check_min("min_doc_words", self.min_doc_words, 1, nullable=False)
@@ -144,16 +145,19 @@ class GopherRepetitionConfig:
     """
 
     kind: Literal["gopher_repetition"] = "gopher_repetition"
+    # "kiln": our class (same decisions, one word split per document); "datatrove": the stock one
     implementation: Implementation = "kiln"
-    dup_line_frac: float | None = 0.3
-    dup_para_frac: float | None = 0.3
-    dup_line_char_frac: float | None = 0.2
-    dup_para_char_frac: float | None = 0.2
+    dup_line_frac: float | None = 0.3  # max fraction of lines that duplicate another line
+    dup_para_frac: float | None = 0.3  # max fraction of paragraphs that duplicate another paragraph
+    dup_line_char_frac: float | None = 0.2  # max fraction of characters in duplicated lines
+    dup_para_char_frac: float | None = 0.2  # max fraction of characters in duplicated paragraphs
+    # n -> max fraction of characters covered by the most frequent n-gram
     top_n_grams: dict[int, float] = field(default_factory=lambda: {2: 0.2, 3: 0.18, 4: 0.16})
+    # n -> max fraction of characters in n-grams that occur more than once
     dup_n_grams: dict[int, float] = field(
         default_factory=lambda: {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10}
     )
-    language: str = "en"
+    language: str = "en"  # language of datatrove's word tokenizer (ISO 639-1/3 code)
 
     def validate(self) -> None:
         for name in ("dup_line_frac", "dup_para_frac", "dup_line_char_frac", "dup_para_char_frac"):
@@ -180,18 +184,19 @@ class C4QualityConfig:
     """
 
     kind: Literal["c4"] = "c4"
+    # "kiln": our class (same decisions, one word split per document); "datatrove": the stock one
     implementation: Implementation = "kiln"
     split_paragraph: bool = True  # True (C4): rules apply per line; False: per sentence (spaCy sentencizer)
-    remove_citations: bool = True
-    filter_no_terminal_punct: bool = True
-    min_num_sentences: int | None = 5
-    min_words_per_line: int | None = 3
-    max_word_length: int | None = 1000
-    filter_lorem_ipsum: bool = True
-    filter_javascript: bool = True
-    filter_curly_bracket: bool = True
-    filter_policy: bool = True
-    language: str = "en"
+    remove_citations: bool = True  # strip Wikipedia-style citations ("[1]", "[edit]")
+    filter_no_terminal_punct: bool = True  # remove lines that do not end in terminal punctuation
+    min_num_sentences: int | None = 5  # drop documents with fewer sentences left (null: no minimum)
+    min_words_per_line: int | None = 3  # remove lines with fewer words (null: keep them)
+    max_word_length: int | None = 1000  # remove lines holding a longer word, in characters (null: keep them)
+    filter_lorem_ipsum: bool = True  # drop documents containing "lorem ipsum"
+    filter_javascript: bool = True  # remove lines mentioning "javascript"
+    filter_curly_bracket: bool = True  # drop documents containing "{" (code)
+    filter_policy: bool = True  # remove lines about cookies, terms of use and privacy policies
+    language: str = "en"  # language of datatrove's word tokenizer and sentence splitter (ISO 639-1/3 code)
 
     def validate(self) -> None:
         _check_min("min_num_sentences", self.min_num_sentences, 0)
@@ -208,15 +213,16 @@ class FineWebQualityConfig:
     """
 
     kind: Literal["fineweb"] = "fineweb"
+    # "kiln": our class (same decisions, one word split per document); "datatrove": the stock one
     implementation: Implementation = "kiln"
     line_punct_thr: float = 0.12  # min fraction of lines ending in terminal punctuation
     line_punct_exclude_zero: bool = False  # True: keep documents where NO line ends in punctuation
     stop_chars: list[str] | None = None  # None: datatrove's TERMINAL_PUNCTUATION
     short_line_thr: float = 0.67  # max fraction of lines of <= short_line_length characters
-    short_line_length: int = 30
+    short_line_length: int = 30  # a line of at most this many characters is short (see short_line_thr)
     char_duplicates_ratio: float = 0.01  # max fraction of characters in duplicated lines
     new_line_ratio: float = 0.3  # max newlines per word
-    language: str = "en"
+    language: str = "en"  # language of datatrove's word tokenizer (ISO 639-1/3 code)
 
     def validate(self) -> None:
         for name in ("line_punct_thr", "short_line_thr", "char_duplicates_ratio"):
@@ -241,9 +247,9 @@ class LanguageConfig:
     """
 
     kind: Literal["language"] = "language"
-    languages: list[str] = field(default_factory=lambda: ["en"])
-    threshold: float = 0.65
-    fasttext_model: str | None = None
+    languages: list[str] = field(default_factory=lambda: ["en"])  # language codes to keep (empty list: any language)
+    threshold: float = 0.65  # minimum score of a wanted language
+    fasttext_model: str | None = None  # path of a fastText LID model (e.g. lid.176.bin); null: py3langid
     label_only: bool = False  # True: annotate metadata, drop nothing
 
     def validate(self) -> None:
@@ -265,9 +271,9 @@ class QualityClassifierConfig:
 
     kind: Literal["quality_classifier"] = "quality_classifier"
     model: str = field(kw_only=True)  # path of the .bin written by `kiln data train-quality`
-    threshold: float = 0.5
-    positive_label: str = "hq"
-    metadata_key: str = "quality_score"
+    threshold: float = 0.5  # drop documents whose positive_label probability is below it
+    positive_label: str = "hq"  # the classifier's label for good documents, without __label__
+    metadata_key: str = "quality_score"  # doc.metadata key that receives the score
 
     def validate(self) -> None:
         if not self.model:

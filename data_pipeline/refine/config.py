@@ -34,16 +34,16 @@ class EndpointBackendConfig:
     by `api_key_env` at request time; it is never stored in the config, the cache, logs or error reasons."""
 
     kind: Literal["endpoint"] = "endpoint"
-    url: str
-    model: str
-    api_key_env: str | None = "OPENAI_API_KEY"
-    concurrency: int = 8
-    max_retries: int = 3
-    timeout_s: float = 60.0
+    url: str  # the server's base URL, e.g. http://localhost:8000/v1
+    model: str  # model name sent with each request
+    api_key_env: str | None = "OPENAI_API_KEY"  # environment variable holding the API key; null: no key
+    concurrency: int = 8  # requests in flight at once per task
+    max_retries: int = 3  # retries of a failed request before the original text is kept
+    timeout_s: float = 60.0  # per-request timeout
     backoff_s: float = 1.0  # sleep before retry i (0-based) is min(max_backoff_s, backoff_s * 2**i)
-    max_backoff_s: float = 30.0
-    max_tokens: int = 1024
-    temperature: float = 0.0
+    max_backoff_s: float = 30.0  # longest sleep between retries
+    max_tokens: int = 1024  # completion tokens per rewrite
+    temperature: float = 0.0  # sampling temperature (0: greedy, reproducible with the cache)
 
     def validate(self) -> None:
         if not self.url.startswith(("http://", "https://")):
@@ -68,8 +68,8 @@ class LocalBackendConfig:
 
     kind: Literal["local"] = "local"
     model: str = DEFAULT_LOCAL_MODEL  # a .gguf file, "<package>/<file>.gguf", or a local HF model folder
-    max_new_tokens: int = 512
-    device: str = "cpu"
+    max_new_tokens: int = 512  # tokens generated per rewrite
+    device: str = "cpu"  # torch device of the model, e.g. "cpu" or "cuda"
     context_tokens: int | None = None  # default: the model's max_position_embeddings
 
     def validate(self) -> None:

@@ -37,7 +37,7 @@ class SourceConfig:
         Without it such rows are ``ends_on_user_turn``.
     """
 
-    name: str
+    name: str  # the source's name in report.json, the per-source held-out split and its loss
     role: Literal["agent", "general"]
     paths: list[str]
     format: Literal["auto", "sharegpt", "openai", "alpaca", "raw_dialogue", "sweagent", "toolbench"] = "auto"
@@ -106,7 +106,7 @@ class SFTDataConfig:
     """
 
     tokenizer: str
-    output_dir: str
+    output_dir: str  # where the build writes the packed data, tokenizer/ and report.json
     sources: list[SourceConfig]
     template: str = "auto"
     tool_format: Literal["auto", "native", "text"] = "auto"
@@ -114,11 +114,11 @@ class SFTDataConfig:
     seq_length: int = 2048
     too_long: Literal["truncate", "drop"] = "truncate"
     heldout_fraction: float = 0.05
-    heldout_max: int = 200
-    strip_whitespace: bool = True
+    heldout_max: int = 200  # at most this many held-out records per source
+    strip_whitespace: bool = True  # strip surrounding whitespace from every message
     mix: MixConfig = field(default_factory=MixConfig)
-    seed: int = 0
-    batch_size: int = 256
+    seed: int = 0  # seed of the held-out split, the mix's draws and the packing order
+    batch_size: int = 256  # conversations rendered and tokenized per batch while reading
 
     def validate(self) -> None:
         if not self.tokenizer:

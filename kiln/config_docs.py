@@ -1,9 +1,10 @@
 """Reference tables of a recipe's fields, read from the config dataclasses themselves.
 
 A field's meaning is the comment written beside it (``tp: int = 1  # ...``) or in the comment block right above
-it, or an attribute docstring under it; a section's introduction is its class docstring. Types and defaults come
-from the annotations and the dataclass defaults. So ``kiln docs`` (``kiln.docs_pages``) cannot drift from the code,
-and a field added without a comment fails the generation with its file and line (``UndocumentedField``).
+it, an attribute docstring under it, or a ``name: meaning`` entry of its class docstring; a section's introduction
+is the rest of the class docstring. Types and defaults come from the annotations and the dataclass defaults. So
+``kiln docs`` (``kiln.docs_pages``) cannot drift from the code, and a field added without a comment fails the
+generation with its file and line (``UndocumentedField``).
 
 No torch or datatrove here: the classes are handed in by the caller.
 """
@@ -25,6 +26,9 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 # "# --- ours ---": a heading over a group of fields, not the meaning of the next one
 _HEADING = re.compile(r"^-{2,}.*-{2,}$")
 _PRAGMA = re.compile(r"^(fmt:|noqa|type:|pragma)")
+# "name: meaning" (or "a / b: meaning") at the start of a docstring line, continued by indented lines: the
+# Google-style attribute list some config classes keep in their docstring instead of per-field comments
+_DOC_ENTRY = re.compile(r"^(?P<names>\w+(?:\s*/\s*\w+)*):\s+(?P<text>\S.*)$")
 
 
 class UndocumentedField(ValueError):
@@ -98,11 +102,6 @@ def field_comments(cls: type) -> dict[str, str]:
         if parts:
             out[node.target.id] = " ".join(parts)
     return out
-
-
-# "name: meaning" (or "a / b: meaning") at the start of a docstring line, continued by indented lines: the
-# Google-style attribute list some config classes keep in their docstring instead of per-field comments
-_DOC_ENTRY = re.compile(r"^(?P<names>\w+(?:\s*/\s*\w+)*):\s+(?P<text>\S.*)$")
 
 
 def docstring_entries(doc: str) -> dict[str, str]:
@@ -221,10 +220,16 @@ def _nested(tp: Any, key: str) -> list[tuple[str, type]]:
 
 
 def sections(
-    cls: type, key: str = "", *, skip: frozenset[str] = frozenset(), rename: dict[str, str] | None = None
+    cls: type,
+    key: str = "",
+    *,
+    skip: frozenset[str] = frozenset(),
+    rename: dict[str, str] | None = None,
+    required: frozenset[str] = frozenset(),
 ) -> list[Section]:
-    """``cls``'s table and, depth first, one per config class its fields hold. ``skip`` / ``rename`` apply to the
-    top level only (the SFT page shows ``TrainRecipe.sft`` as the ``data`` its recipe file spells)."""
+    """``cls``'s table and, depth first, one per config class its fields hold. ``skip``, ``rename`` and
+    ``required`` apply to the top level only: the SFT page shows ``TrainRecipe.sft`` (optional in the class, as a
+    pretraining recipe has none) as the required ``data`` its recipe file spells."""
     rename = rename or {}
     hints = get_type_hints(cls)
     meanings = _meanings(cls)
@@ -245,7 +250,10 @@ def sections(
                 f"{cls.__qualname__}.{f.name} ({_source_line(cls, f.name)}) has no comment: write what it means beside "
                 "or above the field, so `kiln docs` can list it"
             )
-        rows.append(FieldRow(full, type_name(hints[f.name]), default_text(f), meaning))
+        shown = type_name(hints[f.name])
+        if f.name in required:
+            shown = " | ".join(t for t in shown.split(" | ") if t != "null")
+        rows.append(FieldRow(full, shown, REQUIRED if f.name in required else default_text(f), meaning))
         tagged = len(nested) > 1
         for sub_key, sub_cls in nested:
             tags = _kind_tags(sub_cls) if tagged else ()
@@ -254,16 +262,11 @@ def sections(
     return [Section(key, cls, None, class_intro(cls), tuple(rows)), *children]
 
 
-def all_fields(cls: type, **kwargs: Any) -> list[FieldRow]:
-    return [row for s in sections(cls, **kwargs) for row in s.rows]
-
-
 __all__ = [
     "NOT_VALUES",
     "FieldRow",
     "Section",
     "UndocumentedField",
-    "all_fields",
     "class_doc",
     "class_intro",
     "field_comments",

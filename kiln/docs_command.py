@@ -7,6 +7,16 @@ import argparse
 
 
 def cmd_docs(args: argparse.Namespace) -> int:
+    from kiln.config import ConfigError
+    from kiln.config_docs import UndocumentedField
+
+    try:
+        return _docs(args)
+    except UndocumentedField as e:  # a developer's to fix, in the one `kiln: error:` format all the same
+        raise ConfigError(str(e)) from None
+
+
+def _docs(args: argparse.Namespace) -> int:
     from kiln.docs_pages import stale_pages, write_docs
 
     if args.check:

@@ -29,6 +29,7 @@ class Page:
     root: Callable[[], type]  # imported when the page is written: the data recipe needs the 'data' extra
     skip: frozenset[str] = frozenset()
     rename: dict[str, str] = field(default_factory=dict)
+    required: frozenset[str] = frozenset()
 
 
 def _data_recipe() -> type:
@@ -74,6 +75,7 @@ PAGES = (
         _train_recipe,
         skip=frozenset({"data", "synthetic_data"}),
         rename={"sft": "data"},
+        required=frozenset({"sft"}),
     ),
 )
 
@@ -97,7 +99,7 @@ def _section_markdown(section: Section) -> list[str]:
 
 def page_markdown(page: Page) -> str:
     lines = [GENERATED_NOTE, "", f"# {page.title}", "", page.intro, ""]
-    for section in sections(page.root(), skip=page.skip, rename=page.rename):
+    for section in sections(page.root(), skip=page.skip, rename=page.rename, required=page.required):
         lines += _section_markdown(section)
     return "\n".join(lines).rstrip("\n") + "\n"
 

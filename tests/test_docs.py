@@ -31,7 +31,14 @@ def test_committed_pages_match_the_code():
             ["`executor.slurm.partition` | str \\| null | `null` |", "`filters[].ngram` | int | `13` |"],
         ),
         ("recipes/pretrain.md", ["`parallel.tp` | int | `1` |", "`data.meco.cooldown_fraction` | float | `0.1` |"]),
-        ("recipes/sft.md", ["`data.mix.eta` | float | `0.2` |", '`data.sources[].role` | "agent" \\| "general" |']),
+        (
+            "recipes/sft.md",
+            [
+                "`data` | SFTDataConfig | required |",
+                "`data.mix.eta` | float | `0.2` |",
+                '`data.sources[].role` | "agent" \\| "general" |',
+            ],
+        ),
     ],
 )
 def test_pages_list_nested_fields_by_their_recipe_key(page, rows):

@@ -37,7 +37,8 @@ META_PREFIX_KEY = "meco_prefix"
 
 @dataclass
 class MetadataConfig:
-    """The metadata stage: which prefix each document gets (the kinds are described at the top of this module)."""
+    """The metadata stage (MeCo): the prefix each document gets, kept in ``doc.metadata[output_key]`` (the text is
+    unchanged); ``tokenize`` with ``meco: true`` writes the corpus with and without it."""
 
     # url_host (MeCo), url_hash (the hashed-URL variant) or field (a metadata field)
     kind: Literal["url_host", "url_hash", "field"] = "url_host"

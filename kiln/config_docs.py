@@ -15,6 +15,7 @@ import ast
 import dataclasses
 import inspect
 import io
+import json
 import re
 import textwrap
 import tokenize
@@ -178,8 +179,8 @@ def _yaml_value(value: Any) -> str:
         return "[" + ", ".join(_yaml_value(v) for v in value) + "]"
     if isinstance(value, dict):
         return "{" + ", ".join(f"{k}: {_yaml_value(v)}" for k, v in value.items()) + "}"
-    if isinstance(value, str):
-        return f'"{value}"' if value == "" or value.strip() != value else value
+    if isinstance(value, str):  # quoted (with \n escapes) where the bare text would hide whitespace
+        return json.dumps(value) if value == "" or value.strip() != value or "\n" in value else value
     return repr(value) if isinstance(value, float) else str(value)
 
 

@@ -86,6 +86,9 @@ BackendConfig = EndpointBackendConfig | LocalBackendConfig
 
 @dataclass(kw_only=True)
 class RefineConfig:
+    """TinyHelen refinement: rule-based cleanup, sentence chunking, a lexical-simplicity score and an LLM rewrite
+    with a genre prompt (``backend``); a rewrite is kept only when it is simpler and long enough."""
+
     backend: EndpointBackendConfig | LocalBackendConfig = field(default_factory=LocalBackendConfig)
     # "auto": doc.metadata["genre"] when it is one of GENRES, "wiki" for wikipedia.org URLs, else "web".
     genre: Literal["auto", "web", "book", "wiki", "textbook", "conversation", "code", "instruction"] = "auto"

@@ -1,12 +1,15 @@
 """`kiln demo`: the end-to-end job on the embedded default corpus (no network, no sample data needed).
 
 Stages, each resumable (finished work is skipped on a re-run):
-  corpus     build the corpus from the installed Python packages (each document carries its project's URL)
+  corpus     build the corpus from the installed Python packages (each document carries its project's URL), or
+             read your own raw text (--data DIR)
   curate     run the shipped recipe data/demo (filters, dedup, MeCo metadata); print the accounting table
   tokenizer  train a sentencepiece tokenizer on the kept documents
   tokenize   tokenize them into megatron-core indexed datasets, with and without the metadata prefix (MeCo), and
              show one document with its loss mask
-Later stages (pretraining, instruction tuning) extend this list.
+  pretrain   pretrain a small Llama (recipe pretrain/demo) on 4 gloo ranks, TP2 x PP2: `torchrun -m kiln train`,
+             MeCo metadata conditioning, then the plain-text cooldown
+  curve      draw its training and held-out loss curves to a PNG (`kiln plot`)
 
 Console: one line per stage plus the summaries; every stage's full log goes to <output>/logs/ (`-v` shows it all).
 """
@@ -14,12 +17,53 @@ Console: one line per stage plus the summaries; every stage's full log goes to <
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import shlex
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-STAGES = ("corpus", "curate", "tokenizer", "tokenize")
+from kiln.config import ConfigError
+
+STAGES = ("corpus", "curate", "tokenizer", "tokenize", "pretrain", "curve")
+MARKER = "demo_stage.json"  # written into a stage's output once it is complete: a re-run skips the stage
+
+
+@dataclass(frozen=True)
+class Scale:
+    """How big each stage runs: the full demo (under 15 minutes on 2 CPU cores) or --quick (CI, a few minutes)."""
+
+    name: str
+    max_docs: int  # cap on corpus documents (the embedded corpus holds about 2,500 on a typical environment)
+    pretrain_steps: int
+    pretrain_eval_interval: int
+    pretrain_checkpoint_interval: int
+    pretrain_log_interval: int
+
+
+FULL = Scale(
+    "full",
+    max_docs=20000,
+    pretrain_steps=150,
+    pretrain_eval_interval=25,
+    pretrain_checkpoint_interval=50,
+    pretrain_log_interval=10,
+)
+QUICK = Scale(
+    "quick",
+    max_docs=600,
+    pretrain_steps=20,
+    pretrain_eval_interval=10,
+    pretrain_checkpoint_interval=10,
+    pretrain_log_interval=5,
+)
+
+# The suffixes --data recognises, and the curation reader each one needs (compression suffixes are looked past).
+_DATA_KINDS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".warc": "warc", ".txt": "text"}
+_COMPRESSED = (".gz", ".zst", ".bz2", ".xz")
 
 
 @dataclass
@@ -46,19 +90,105 @@ def _human(n: float) -> str:
     return f"{n / 1024:.1f} GB"
 
 
+def data_kind(folder: Path) -> str:
+    """The reader for the user's raw text: every file of the folder must be one kind (JSONL, Parquet, WARC or
+    plain text, possibly compressed), so that one curation input reads them all."""
+    if not folder.is_dir():
+        raise ConfigError(f"--data {folder}: not a folder (give a folder of .jsonl, .parquet, .warc or .txt files)")
+    kinds: dict[str, list[str]] = {}
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder)
+        if not path.is_file() or any(part.startswith((".", "_")) for part in rel.parts):
+            continue  # the same files the curation reader skips
+        suffixes = [s for s in path.suffixes if s not in _COMPRESSED]
+        kind = _DATA_KINDS.get(suffixes[-1] if suffixes else "", "unknown")
+        kinds.setdefault(kind, []).append(str(rel))
+    if not kinds:
+        raise ConfigError(f"--data {folder}: the folder holds no files")
+    if len(kinds) > 1 or "unknown" in kinds:
+        found = "; ".join(f"{kind}: {', '.join(files[:3])}" for kind, files in sorted(kinds.items()))
+        raise ConfigError(
+            f"--data {folder}: expected files of one kind (.jsonl, .json, .parquet, .warc or .txt, optionally .gz "
+            f"/ .zst), found {found}"
+        )
+    return next(iter(kinds))
+
+
 class Demo:
     def __init__(self, args: argparse.Namespace):
         self.args = args
         self.out = Path(args.output)
+        self.scale = QUICK if args.quick else FULL
+        self.max_docs = args.max_docs if args.max_docs is not None else self.scale.max_docs
+        self.data = Path(args.data) if args.data else None
         self.results: list[StageResult] = []
+
+    # ---- bookkeeping shared by the stages
+
+    def settings(self) -> dict:
+        """What the run directory was made with: a re-run must match it, or the stages it skips would belong to
+        another run (a --quick pretraining resumed by the full demo, another corpus's tokenizer)."""
+        return {
+            "scale": self.scale.name,
+            "data": str(self.data.resolve()) if self.data else None,
+            "vocab_size": self.args.vocab_size,
+        }
+
+    def check_settings(self) -> None:
+        path = self.out / "demo.json"
+        wanted = self.settings()
+        if path.is_file():
+            made = json.loads(path.read_text())
+            if made != wanted:
+                diff = ", ".join(f"{k} {made.get(k)!r} (now {v!r})" for k, v in wanted.items() if made.get(k) != v)
+                raise ConfigError(
+                    f"{self.out} was made by another demo run ({diff}): re-run with the same options to resume, "
+                    "or give another --output"
+                )
+        else:
+            self.out.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(wanted, indent=2) + "\n")
+
+    def finished(self, name: str, path: Path) -> StageResult | None:
+        """The stage's result when its output is complete (its marker written), else None."""
+        marker = path / MARKER
+        if not marker.is_file():
+            return None
+        return StageResult(name, path, json.loads(marker.read_text())["figure"] + " (resumed)")
+
+    def finish(self, name: str, path: Path, figure: str) -> StageResult:
+        tmp = path / f"{MARKER}.tmp"
+        tmp.write_text(json.dumps({"figure": figure, "scale": self.scale.name}) + "\n")
+        tmp.replace(path / MARKER)  # atomic: a killed demo never leaves a marker for unfinished work
+        return StageResult(name, path, figure)
+
+    def execute(self, stage: str, cmd: list[str], env: dict[str, str] | None = None) -> None:
+        """Run one of kiln's own commands as a user would, its whole output in <output>/logs/<stage>.log; a failure
+        is one error naming the command, the log and its last lines."""
+        log = self.out / "logs" / f"{stage}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with log.open("a") as f:
+            f.write(f"$ {shlex.join(cmd)}\n")
+            f.flush()
+            proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        if proc.returncode != 0:
+            tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
+            raise ConfigError(
+                f"demo stage {stage}: `{shlex.join(cmd)}` exited with status {proc.returncode}; full log {log}, "
+                f"last lines:\n{tail}"
+            )
 
     def recipe(self, *extra: str):
         from kiln.catalog import find_recipe
         from kiln.data_pipeline.cli import load_recipe
         from kiln.logs import is_verbose
 
+        if self.data is not None:
+            inputs = [f"inputs.0.path={self.data}", f"inputs.0.kind={data_kind(self.data)}", "inputs.0.glob=null"]
+        else:
+            inputs = [f"inputs.0.path={self.out / 'corpus'}"]
         overrides = [
-            f"inputs.0.path={self.out / 'corpus'}",
+            *inputs,
             f"output_dir={self.out / 'data'}",
             f"progress={'true' if is_verbose() else 'false'}",
             *self.args.overrides,
@@ -66,13 +196,24 @@ class Demo:
         ]
         return load_recipe(str(find_recipe("data/demo").path), overrides)
 
+    def tokens_prefix(self) -> str:
+        from kiln.data_pipeline.runner import tokens_prefix
+
+        return tokens_prefix(self.recipe(f"tokenize.tokenizer={self.out / 'tokenizer'}", "tokenize.meco=true"))
+
+    # ---- the stages
+
     def corpus(self) -> StageResult:
+        if self.data is not None:
+            kind = data_kind(self.data)
+            files = [p for p in self.data.rglob("*") if p.is_file()]
+            return StageResult("corpus", self.data, f"your {kind} data: {len(files):,} files")
         from kiln.demo_corpus import build_corpus
 
         corpus = self.out / "corpus"
         parts = sorted(corpus.glob("part-*.jsonl"))
         if self.args.rebuild_corpus or not parts:
-            n = build_corpus(corpus, max_docs=self.args.max_docs)
+            n = build_corpus(corpus, max_docs=self.max_docs)
         else:
             n = sum(sum(1 for _ in p.open("rb")) for p in parts)
         return StageResult("corpus", corpus, f"{n:,} documents from installed packages")
@@ -106,16 +247,28 @@ class Demo:
         return StageResult("tokenizer", tokenizer, f"{self.args.vocab_size:,}-token sentencepiece BPE")
 
     def tokenize(self) -> StageResult:
-        from kiln.data_pipeline.runner import run_recipe_tokenize, tokens_prefix
+        from kiln.data_pipeline.runner import run_recipe_tokenize
         from kiln.data_pipeline.tokenize import inspect_tokenized
         from kiln.data_pipeline.tokenize.indexed import read_meta
 
         recipe = self.recipe(f"tokenize.tokenizer={self.out / 'tokenizer'}", "tokenize.meco=true")
         run_recipe_tokenize(recipe)
-        prefix = tokens_prefix(recipe)
+        prefix = self.tokens_prefix()
         print(inspect_tokenized(f"{prefix}_meco", n=1)[: self.args.show_chars].rstrip())
         meta = read_meta(f"{prefix}_meco")
         return StageResult("tokenize", Path(prefix).parent, f"{meta['tokens']:,} tokens (MeCo + plain twins)")
+
+    def pretrain(self) -> StageResult:
+        from kiln.demo_train import pretrain
+
+        return pretrain(self)
+
+    def curve(self) -> StageResult:
+        from kiln.demo_train import curve
+
+        return curve(self)
+
+    # ---- the run
 
     def _shown(self, path: Path) -> str:
         """Paths relative to the working directory when they are below it, as the user typed the output dir."""
@@ -125,6 +278,7 @@ class Demo:
             return str(path)
 
     def run(self) -> int:
+        self.check_settings()
         stop = STAGES.index(self.args.stop_after) if self.args.stop_after else len(STAGES) - 1
         stages: list[tuple[str, Callable[[], StageResult]]] = [(name, getattr(self, name)) for name in STAGES]
         for i, (name, fn) in enumerate(stages[: stop + 1], start=1):
@@ -147,10 +301,14 @@ class Demo:
         table.add_column("key figure")
         for r in self.results:
             table.add_row(r.name, self._shown(r.path), _human(_size(r.path)), f"{r.seconds:.1f} s", r.figure)
-        table.caption = f"full logs: {self.out / 'logs'}  (re-run to resume; -v shows everything)"
+        total = sum(r.seconds for r in self.results)
+        table.caption = (
+            f"total {total / 60:.1f} min ({self.scale.name}); full logs: {self.out / 'logs'}  (re-run to resume; "
+            "-v shows everything)"
+        )
         console = Console()
         if not console.is_terminal:
-            console = Console(width=120)  # piped or logged: one row per stage rather than rich's 80-column wrap
+            console = Console(width=140)  # piped or logged: one row per stage rather than rich's 80-column wrap
         console.print(table)
 
 
@@ -170,9 +328,20 @@ def register(subparsers) -> None:
     )
     p.add_argument("--output", default="runs/demo", help="run directory (default runs/demo)")
     p.add_argument("--stop-after", choices=STAGES, help="run the stages up to and including this one")
-    p.add_argument("--max-docs", type=int, default=20000, help="cap on corpus documents (default 20000)")
+    p.add_argument(
+        "--quick", action="store_true", help="every stage at a smaller size (fewer documents and steps): what CI runs"
+    )
+    p.add_argument(
+        "--data",
+        metavar="DIR",
+        help="your own raw text instead of the embedded corpus: a folder of .jsonl (a 'text' field, optionally "
+        "'url' for MeCo), .parquet, .warc or .txt (one document per line) files",
+    )
+    p.add_argument(
+        "--max-docs", type=int, default=None, help="cap on embedded corpus documents (default 20000; 600 with --quick)"
+    )
     p.add_argument("--rebuild-corpus", action="store_true", help="rebuild the corpus even if it exists")
     p.add_argument("--vocab-size", type=int, default=4000, help="demo tokenizer vocabulary (default 4000)")
     p.add_argument("--show-chars", type=int, default=800, help="characters of the decoded sample to print")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the demo recipe")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the demo's curation recipe")
     p.set_defaults(func=cmd_demo)

@@ -1,15 +1,22 @@
 """`kiln demo`: the end-to-end job on the embedded default corpus (no network, no sample data needed).
 
 Stages, each resumable (finished work is skipped on a re-run):
-  corpus     build the corpus from the installed Python packages (each document carries its project's URL), or
-             read your own raw text (--data DIR)
-  curate     run the shipped recipe data/demo (filters, dedup, MeCo metadata); print the accounting table
-  tokenizer  train a sentencepiece tokenizer on the kept documents
-  tokenize   tokenize them into megatron-core indexed datasets, with and without the metadata prefix (MeCo), and
-             show one document with its loss mask
-  pretrain   pretrain a small Llama (recipe pretrain/demo) on 4 gloo ranks, TP2 x PP2: `torchrun -m kiln train`,
-             MeCo metadata conditioning, then the plain-text cooldown
-  curve      draw its training and held-out loss curves to a PNG (`kiln plot`)
+  corpus        build the corpus from the installed Python packages (each document carries its project's URL),
+                or read your own raw text (--data DIR)
+  curate        run the shipped recipe data/demo (filters, dedup, MeCo metadata); print the accounting table
+  tokenizer     train a sentencepiece tokenizer on the kept documents
+  tokenize      tokenize them into megatron-core indexed datasets, with and without the metadata prefix (MeCo),
+                and show one document with its loss mask
+  pretrain      `torchrun --nproc-per-node 4 -m kiln train pretrain/demo`: a small Llama on 4 gloo ranks at
+                TP2 x PP2, MeCo metadata conditioning then the plain-text cooldown
+  curve         its training and held-out loss curves as a PNG (`kiln plot`)
+  agent_data    `kiln agent gen`: expert ReAct trajectories on TextWorld games generated offline
+  general_data  instruction / answer pairs made from the curated documents (continue the text; name its website)
+  sft_data      `kiln data sft sft/demo`: the hybrid agent + general mix in ChatML, labelled and packed
+  sft           `kiln train sft/demo` from the last pretraining checkpoint
+  export        `kiln export-hf`: the tuned model as a Hugging Face directory, with the SFT build's tokenizer
+  generate      `transformers` loads it and continues a prompt without and with a MeCo `URL: <host>` prefix
+  agent_eval    `kiln agent eval` on TextWorld games of unseen seeds: success rate, invalid actions
 
 Console: one line per stage plus the summaries; every stage's full log goes to <output>/logs/ (`-v` shows it all).
 """
@@ -17,6 +24,8 @@ Console: one line per stage plus the summaries; every stage's full log goes to <
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib
 import json
 import os
 import shlex
@@ -28,7 +37,16 @@ from pathlib import Path
 
 from kiln.config import ConfigError
 
-STAGES = ("corpus", "curate", "tokenizer", "tokenize", "pretrain", "curve")
+STAGES = (
+    "corpus", "curate", "tokenizer", "tokenize", "pretrain", "curve", "agent_data", "general_data", "sft_data", "sft",
+    "export", "generate", "agent_eval",
+)  # fmt: skip
+# The stages after tokenize live in their own modules, as functions of the Demo.
+STAGE_MODULES = {
+    "pretrain": "kiln.demo_train", "curve": "kiln.demo_train", "agent_data": "kiln.demo_sft",
+    "general_data": "kiln.demo_sft", "sft_data": "kiln.demo_sft", "sft": "kiln.demo_sft",
+    "export": "kiln.demo_export", "generate": "kiln.demo_export", "agent_eval": "kiln.demo_export",
+}  # fmt: skip
 MARKER = "demo_stage.json"  # written into a stage's output once it is complete: a re-run skips the stage
 
 
@@ -42,6 +60,16 @@ class Scale:
     pretrain_eval_interval: int
     pretrain_checkpoint_interval: int
     pretrain_log_interval: int
+    agent_kinds: str  # `kiln agent gen` game kinds and seeds of the trajectories
+    agent_seeds: str
+    sft_steps: int
+    sft_eval_interval: int
+    sft_checkpoint_interval: int
+    sft_log_interval: int
+    eval_kinds: str  # `kiln agent eval` games: kinds and seeds (unseen: gen's seeds start at 0, these at 1000)
+    eval_seeds: str
+    eval_max_steps: int
+    eval_new_tokens: int  # tokens generated per action
 
 
 FULL = Scale(
@@ -51,6 +79,16 @@ FULL = Scale(
     pretrain_eval_interval=25,
     pretrain_checkpoint_interval=50,
     pretrain_log_interval=10,
+    agent_kinds="tiny,small",
+    agent_seeds="0-29",
+    sft_steps=60,
+    sft_eval_interval=20,
+    sft_checkpoint_interval=30,
+    sft_log_interval=10,
+    eval_kinds="tiny,small",
+    eval_seeds="1000-1004",
+    eval_max_steps=8,
+    eval_new_tokens=48,
 )
 QUICK = Scale(
     "quick",
@@ -59,6 +97,16 @@ QUICK = Scale(
     pretrain_eval_interval=10,
     pretrain_checkpoint_interval=10,
     pretrain_log_interval=5,
+    agent_kinds="tiny,small",
+    agent_seeds="0-3",
+    sft_steps=4,
+    sft_eval_interval=2,
+    sft_checkpoint_interval=2,
+    sft_log_interval=2,
+    eval_kinds="tiny",
+    eval_seeds="1000-1001",
+    eval_max_steps=3,
+    eval_new_tokens=32,
 )
 
 # The suffixes --data recognises, and the curation reader each one needs (compression suffixes are looked past).
@@ -162,10 +210,14 @@ class Demo:
         tmp.replace(path / MARKER)  # atomic: a killed demo never leaves a marker for unfinished work
         return StageResult(name, path, figure)
 
+    def log(self, stage: str) -> str:
+        """Where a stage's command writes its output, as the console shows it."""
+        return self.shown(self.out / "logs" / f"{stage}.log")
+
     def execute(self, stage: str, cmd: list[str], env: dict[str, str] | None = None) -> None:
         """Run one of kiln's own commands as a user would, its whole output in <output>/logs/<stage>.log; a failure
         is one error naming the command, the log and its last lines."""
-        log = self.out / "logs" / f"{stage}.log"
+        log = Path(self.log(stage))
         log.parent.mkdir(parents=True, exist_ok=True)
         with log.open("a") as f:
             f.write(f"$ {shlex.join(cmd)}\n")
@@ -258,29 +310,24 @@ class Demo:
         meta = read_meta(f"{prefix}_meco")
         return StageResult("tokenize", Path(prefix).parent, f"{meta['tokens']:,} tokens (MeCo + plain twins)")
 
-    def pretrain(self) -> StageResult:
-        from kiln.demo_train import pretrain
-
-        return pretrain(self)
-
-    def curve(self) -> StageResult:
-        from kiln.demo_train import curve
-
-        return curve(self)
-
     # ---- the run
 
-    def _shown(self, path: Path) -> str:
+    def shown(self, path: Path) -> str:
         """Paths relative to the working directory when they are below it, as the user typed the output dir."""
         try:
             return str(path.resolve().relative_to(Path.cwd().resolve()))
         except ValueError:
             return str(path)
 
+    def stage(self, name: str) -> Callable[[], StageResult]:
+        if name in STAGE_MODULES:
+            return functools.partial(getattr(importlib.import_module(STAGE_MODULES[name]), name), self)
+        return getattr(self, name)
+
     def run(self) -> int:
         self.check_settings()
         stop = STAGES.index(self.args.stop_after) if self.args.stop_after else len(STAGES) - 1
-        stages: list[tuple[str, Callable[[], StageResult]]] = [(name, getattr(self, name)) for name in STAGES]
+        stages: list[tuple[str, Callable[[], StageResult]]] = [(name, self.stage(name)) for name in STAGES]
         for i, (name, fn) in enumerate(stages[: stop + 1], start=1):
             print(f"kiln demo [{i}/{stop + 1}] {name} ...", flush=True)
             start = time.perf_counter()
@@ -300,7 +347,7 @@ class Demo:
             table.add_column(col, justify=justify)
         table.add_column("key figure")
         for r in self.results:
-            table.add_row(r.name, self._shown(r.path), _human(_size(r.path)), f"{r.seconds:.1f} s", r.figure)
+            table.add_row(r.name, self.shown(r.path), _human(_size(r.path)), f"{r.seconds:.1f} s", r.figure)
         total = sum(r.seconds for r in self.results)
         table.caption = (
             f"total {total / 60:.1f} min ({self.scale.name}); full logs: {self.out / 'logs'}  (re-run to resume; "

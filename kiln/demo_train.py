@@ -37,7 +37,6 @@ def pretrain_overrides(demo: Demo) -> list[str]:
 
 
 def pretrain(demo: Demo) -> StageResult:
-    from kiln.pretrain.callbacks.metrics_file import read_metrics
     from kiln.pretrain.data import cooldown_step
     from kiln.pretrain.recipe import load_recipe
 
@@ -51,33 +50,31 @@ def pretrain(demo: Demo) -> StageResult:
     switch = cooldown_step(recipe.train_steps, recipe.data.meco.cooldown_fraction)
     print(
         f"  torchrun --standalone --nproc-per-node {RANKS} -m kiln train {PRETRAIN_RECIPE}: {layout}, "
-        f"{recipe.train_steps} steps (log {demo.out / 'logs' / 'pretrain.log'})",
+        f"{recipe.train_steps} steps (log {demo.log('pretrain')})",
         flush=True,
     )
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(RANKS)]
     demo.execute("pretrain", [*cmd, "-m", "kiln", "train", PRETRAIN_RECIPE, *overrides], env=CPU_ENV)
-    metrics = read_metrics(run_dir)
-    train, evals = metrics["train"], [r for r in metrics["eval"] if "val_loss" in r]
-    if not train:
-        raise _no_metrics(run_dir)
-    val = f", held-out {evals[-1]['val_loss']:.2f}" if evals else ""
+    train, evals = metrics_or_error(run_dir)
+    evals = [r for r in evals if "val_loss" in r]
+    val = f" (held-out {evals[-1]['val_loss']:.2f})" if evals else ""
     figure = (
-        f"loss {train[0]['loss']:.2f} -> {train[-1]['loss']:.2f}{val}; TP{layout.tp}xPP{layout.pp}, "
-        f"MeCo 1-{switch}, plain {switch + 1}-{recipe.train_steps}"
+        f"loss {train[0]['loss']:.2f} -> {train[-1]['loss']:.2f}{val}, TP{layout.tp}xPP{layout.pp}, "
+        f"MeCo 1-{switch} + plain {switch + 1}-{recipe.train_steps}"
     )
     return demo.finish("pretrain", run_dir, figure)
 
 
 def curve(demo: Demo) -> StageResult:
+    from kiln.config import ConfigError
     from kiln.demo import StageResult
-    from kiln.pretrain.callbacks.metrics_file import read_metrics
     from kiln.pretrain.plot import plot_run
 
     run_dir = demo.out / "pretrain"
     png = plot_run(run_dir, run_dir / "loss_curve.png")
-    evals = [r for r in read_metrics(run_dir)["eval"] if "val_loss" in r]
+    evals = [r for r in metrics_or_error(run_dir)[1] if "val_loss" in r]
     if not evals:
-        raise _no_metrics(run_dir)
+        raise ConfigError(f"{run_dir}/metrics.jsonl holds no held-out loss: the recipe's eval.interval is 0")
     figure = f"held-out loss {evals[0]['val_loss']:.2f} -> {evals[-1]['val_loss']:.2f} ({len(evals)} evaluations)"
     return StageResult("curve", png, figure)
 
@@ -88,7 +85,23 @@ def _recipe_path(name: str):
     return find_recipe(name).path
 
 
-def _no_metrics(run_dir) -> Exception:
-    from kiln.config import ConfigError
+def metrics_or_error(run_dir) -> tuple[list[dict], list[dict]]:
+    """The run's (training records, evaluation records), or an error when it recorded no training step. Every
+    evaluation record is kept: an SFT run writes one per held-out split at the same step (agent, general)."""
+    import json
 
-    return ConfigError(f"{run_dir}/metrics.jsonl holds no training records: see {run_dir}/logs/ for what happened")
+    from kiln.config import ConfigError
+    from kiln.pretrain.callbacks.metrics_file import METRICS_FILE, read_metrics
+
+    train = read_metrics(run_dir)["train"]
+    if not train:
+        raise ConfigError(f"{run_dir}/metrics.jsonl holds no training records: see {run_dir}/logs/ for what happened")
+    evals = []
+    for line in (run_dir / METRICS_FILE).read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a line cut by a crash (a resumed run goes on after it)
+        if record.get("kind") == "eval":
+            evals.append(record)
+    return train, evals

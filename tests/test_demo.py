@@ -15,10 +15,11 @@ from kiln.demo import STAGES, data_kind
 
 def _demo(cwd, *args: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "kiln", "demo", "--output", "run", *args]
-    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=900)
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1500)  # three demo runs (the first trains twice); about 4 minutes on an idle 2-core machine
 def test_demo_console_is_short_and_logs_are_in_the_run_dir(tmp_path):
     proc = _demo(tmp_path, "--quick")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -48,11 +49,40 @@ def test_demo_console_is_short_and_logs_are_in_the_run_dir(tmp_path):
         f"train_rank{r}.log" for r in range(4)
     ]
     assert "-m kiln train pretrain/demo" in (run / "logs" / "pretrain.log").read_text()
-    assert "TP2xPP2" in proc.stdout and "MeCo 1-18, plain 19-20" in proc.stdout
+    assert "TP2xPP2, MeCo 1-18 + plain 19-20" in proc.stdout
     records = [json.loads(line) for line in (pretrain / "metrics.jsonl").read_text().splitlines()]
     assert max(r["step"] for r in records if r["kind"] == "train") == 20
     assert (pretrain / "checkpoints" / "step_0000020").is_dir()
     assert (pretrain / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
+
+    # the hybrid mix: expert TextWorld trajectories + instructions made from the curated documents, both halves
+    # in the built data at the recipe's eta, then SFT from the last pretraining checkpoint
+    assert (run / "agent" / "games").is_dir()  # the game cache is the run's own, not ~/.cache
+    assert len((run / "agent" / "train" / "trajectories.jsonl").read_text().splitlines()) == 8
+    general = [json.loads(line) for line in (run / "general" / "instructions.jsonl").read_text().splitlines()]
+    assert {r["instruction"].split()[0] for r in general} == {"Continue", "Which"}
+    report = json.loads((run / "sft_data" / "report.json").read_text())
+    assert set(report["sources"]) == {"textworld", "corpus_instructions"}
+    assert report["agent_share"] == pytest.approx(0.5, abs=0.01)
+    assert "initial weights from run/pretrain/checkpoints/step_0000020" in (run / "logs" / "sft.log").read_text()
+    sft = [json.loads(line) for line in (run / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert {"val_agent_loss", "val_general_loss"} <= {k for r in sft for k in r}
+    assert (run / "sft" / "checkpoints" / "step_0000004").is_dir()
+
+    # the export loads in transformers with the chat template the SFT data was rendered with; the generations
+    # without and with the metadata prefix are printed; the agent plays games it never saw
+    hf = run / "hf"
+    assert json.loads((hf / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    assert "<|im_start|>" in (hf / "chat_template.jinja").read_text()
+    generations = (run / "generations.txt").read_text().splitlines()
+    assert generations[0].startswith("transformers LlamaForCausalLM") and len(generations) == 3
+    assert generations[1].lstrip().startswith("plain ") and generations[2].lstrip().startswith("URL: ")
+    for line in generations[1:]:
+        assert line in proc.stdout
+    evaluation = json.loads((run / "agent" / "eval" / "report.json").read_text())
+    assert evaluation["summary"]["episodes"] == 2
+    assert {e["game"] for e in evaluation["episodes"]} == {"tiny-s1000", "tiny-s1001"}
+    assert "agent_eval: success " in proc.stdout
 
     again = _demo(tmp_path, "--quick")  # re-running resumes: every stage's tasks are skipped
     assert again.returncode == 0, again.stderr[-3000:]

@@ -42,13 +42,18 @@ and general-only's; (c) the hybrid's success rate is at least the baseline's and
 the baseline's. A comparison between two trained arms counts as resolved only when every seed of one arm is on
 the same side of every seed of the other (with two seeds and a handful of games most differences are not).
 
-Usage (about an hour on 2 busy CPU cores at the defaults; ``--threads 1`` because under a loaded machine one
-intra-op thread per process ran generation ~10x faster than two, and training + evaluation of the previous arm
-then overlap as two processes):
+Usage (``--threads 1``: on a loaded machine one intra-op thread per process ran generation ~10x faster than
+two; the games of a finished arm run in a background process while the next arm trains, and
+``--parallel-arms N`` trains N arms at once):
 
-    nice -n 5 python -m benchmarks.sft_ablation
+    nice -n 5 python -m benchmarks.sft_ablation --parallel-arms 3
     nice -n 5 python -m benchmarks.sft_ablation --seeds 0 --steps 2 --heldout-max 4 --games-per-kind 1 \
         --max-steps 2 --no-record   # smoke test: everything under runs/ablation/
+
+The defaults (6 steps of 4 x 512 tokens, 8 held-out conversations per source, 2 + 2 games of at most 5 steps)
+are sized to a 2-core machine shared with other jobs: one arm costs a few CPU-minutes (process start, data
+build, held-out evaluation, and about 17 s per step on one free core), a game step 2-8 s. On a quiet machine, larger settings such as
+``--steps 12 --heldout-max 16 --games-per-kind 4 --max-steps 8`` give a less noisy reading.
 
 Finished runs, exports and game reports are reused when the script is run again with the same sizes (their
 folder names carry the sizes), so a crash loses only the step in flight. Results are appended to
@@ -491,7 +496,13 @@ def markdown(args, table, rows, source_info, tw_manifest, wall_s, command, plot_
     lines = [
         f"## {datetime.date.today()} - {platform.node()} ({os.cpu_count()} CPU cores, no GPU, {platform.machine()})",
         "",
-        f"Command: `{command}`; wall time {wall_s / 60:.1f} min (the machine was shared with other jobs).",
+        f"Command: `{command}`; "
+        + (
+            "--report-only: nothing was run, the table is of the runs and game reports an earlier run of these "
+            "settings left (see the per-arm training minutes below)."
+            if args.report_only
+            else f"wall time {wall_s / 60:.1f} min (the machine was shared with other jobs)."
+        ),
         "",
         f"Settings: seeds {args.seeds} (the SFT data seed: held-out rows, mix sampling, packing and data order); "
         f"{args.steps} steps x {args.global_batch} packed sequences x {args.seq_length} tokens per arm "
@@ -552,18 +563,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", default="0,1", help="SFT data seeds, comma-separated (default 0,1)")
     parser.add_argument("--arms", default="hybrid,agent_only,general_only", help="arms to run, comma-separated")
-    parser.add_argument("--steps", type=int, default=8, help="optimizer steps per arm (default 8)")
+    parser.add_argument("--steps", type=int, default=6, help="optimizer steps per arm (default 6)")
     parser.add_argument("--seq-length", type=int, default=512, help="packed sequence length (default 512)")
     parser.add_argument("--global-batch", type=int, default=4, help="packed sequences per step (default 4)")
-    parser.add_argument("--heldout-max", type=int, default=12, help="held-out conversations per source at most")
+    parser.add_argument("--heldout-max", type=int, default=8, help="held-out conversations per source at most")
     parser.add_argument("--tw-kinds", default="tiny,small,medium", help="held-in TextWorld kinds of the training data")
     parser.add_argument("--tw-seeds", default="0-59", help="TextWorld training game seeds (default 0-59)")
     parser.add_argument("--tw-weight", type=float, default=0.5, help="TextWorld's weight in the agent role "
                         "(the shared agent sources' weights sum to 1)")  # fmt: skip
-    parser.add_argument("--games-per-kind", type=int, default=3, help="unseen games per kind (default 3)")
+    parser.add_argument("--games-per-kind", type=int, default=2, help="unseen games per kind (default 2)")
     parser.add_argument("--eval-seed", type=int, default=1000, help="first unseen game seed (default 1000)")
-    parser.add_argument("--max-steps", type=int, default=6, help="step limit of a game (default 6: twice the "
-                        "3-step walkthrough of the evaluated kinds)")  # fmt: skip
+    parser.add_argument("--max-steps", type=int, default=5, help="step limit of a game (default 5; the "
+                        "evaluated kinds' walkthroughs are 3 steps)")  # fmt: skip
     parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per game step (default "
                         "64; the expert's replies are at most 77, 99%% at most 66)")  # fmt: skip
     parser.add_argument(
@@ -572,6 +583,9 @@ def main(argv: list[str] | None = None) -> int:
         default=600.0,
         help="seconds a game step may take (default 600: the 30 s default fired on a starved machine, and the "
         "textworld thread it left running crashed the next game's load)",
+    )
+    parser.add_argument(
+        "--parallel-arms", type=int, default=1, help="arms trained at once (default 1; each is one process)"
     )
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads per process (default 1)")
     parser.add_argument("--root", default="runs/ablation", help="where the runs go (default runs/ablation)")
@@ -600,20 +614,27 @@ def main(argv: list[str] | None = None) -> int:
     base, etas = base_recipe()
     sources, source_info = usable_sources(base, args, root, tw_path)
 
-    # Games run in one background worker while the next arm trains: two processes of ours at a time.
+    # Games run in one background worker while arms train (--parallel-arms at a time, in seed-major order, so
+    # an interrupted run has whole seeds first): each finished arm queues its export and games there.
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    trainers = concurrent.futures.ThreadPoolExecutor(max_workers=args.parallel_arms)
     baseline_future = pool.submit(play, "smollm2", root / "baseline", "baseline (untrained SmolLM2)", args, manifest)
+
+    def train_then_queue(arm: str, seed: int):
+        result = train_arm(base, arm, etas[arm], seed, args, arm_root, sources)
+        games = None if "error" in result else pool.submit(export_and_play, result, args, manifest)
+        return result, games
+
+    jobs = {(arm, seed): trainers.submit(train_then_queue, arm, seed) for seed in seeds for arm in args.arms}
     rows: dict[str, list[dict]] = {arm: [] for arm in args.arms}
-    futures = []
-    for seed in seeds:
-        for arm in args.arms:
-            result = train_arm(base, arm, etas[arm], seed, args, arm_root, sources)
+    for arm in args.arms:
+        for seed in seeds:
+            result, games = jobs[arm, seed].result()
+            if games is not None:
+                result["games"] = games.result()
             rows[arm].append(result)
-            if "error" not in result:
-                futures.append((result, pool.submit(export_and_play, result, args, manifest)))
-    for result, fut in futures:
-        result["games"] = fut.result()
     baseline_games = baseline_future.result()
+    trainers.shutdown()
     pool.shutdown()
     wall = time.perf_counter() - start
 

@@ -82,13 +82,21 @@ def generate(demo: Demo) -> StageResult:
     tokenizer = AutoTokenizer.from_pretrained(hf)
     model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
     prompt, host = _prompt_and_host(demo)
+    chat_markers = [i for i in tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"]) if i is not None]
     lines = []
     for label, prefix in (("plain", ""), (f"URL: {host}", f"URL: {host}\n\n")):
         # as pretraining saw documents: <s>, then the metadata line (MeCo) or nothing (the cooldown's plain text)
         ids = [tokenizer.bos_token_id, *tokenizer.encode(prefix + prompt, add_special_tokens=False)]
         with torch.no_grad():
             out = model.generate(
-                torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=tokenizer.pad_token_id
+                torch.tensor([ids]),
+                max_new_tokens=NEW_TOKENS,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                # a document's continuation, not a chat turn: stop at </s> only, never emit the chat markers the
+                # SFT taught it to end a turn with (the exported generation config stops at <|im_end|>)
+                eos_token_id=tokenizer.eos_token_id,
+                suppress_tokens=chat_markers,
             )
         # decoded whole, then the prefix taken off: decoding the new tokens alone loses the space before them
         text = tokenizer.decode(out[0, 1:], skip_special_tokens=True).removeprefix(prefix)

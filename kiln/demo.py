@@ -210,6 +210,16 @@ class Demo:
         tmp.replace(path / MARKER)  # atomic: a killed demo never leaves a marker for unfinished work
         return StageResult(name, path, figure)
 
+    def last_checkpoint(self, stage: str) -> Path:
+        """The last complete checkpoint of a training stage's run directory (where the next stage starts)."""
+        from kiln.pretrain.checkpoint import find_latest_checkpoint
+
+        folder = self.out / stage / "checkpoints"
+        ckpt = find_latest_checkpoint(folder)
+        if ckpt is None:
+            raise ConfigError(f"no complete checkpoint under {folder}: re-run the demo")
+        return ckpt
+
     def log(self, stage: str) -> str:
         """Where a stage's command writes its output, as the console shows it."""
         return self.shown(self.out / "logs" / f"{stage}.log")

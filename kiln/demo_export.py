@@ -30,15 +30,11 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
 def export(demo: Demo) -> StageResult:
-    from kiln.pretrain.checkpoint import find_latest_checkpoint
-
     out = demo.out / "hf"
     done = demo.finished("export", out)
     if done is not None:
         return done
-    ckpt = find_latest_checkpoint(demo.out / "sft" / "checkpoints")
-    if ckpt is None:
-        raise _error(f"no complete checkpoint under {demo.out / 'sft' / 'checkpoints'}: re-run the demo")
+    ckpt = demo.last_checkpoint("sft")
     print(f"  kiln export-hf {demo.shown(ckpt)} --out {demo.shown(out)} (log {demo.log('export')})")
     demo.execute("export", [sys.executable, "-m", "kiln", "export-hf", str(ckpt), "--out", str(out)])
     config = json.loads((out / "config.json").read_text())
@@ -129,9 +125,3 @@ def agent_eval(demo: Demo) -> StageResult:
         f"{summary['invalid_action_rate'] or 0:.2f}, repeated {summary['repeated_action_rate'] or 0:.2f}"
     )
     return demo.finish("agent_eval", out, figure)
-
-
-def _error(message: str) -> Exception:
-    from kiln.config import ConfigError
-
-    return ConfigError(message)

@@ -14,6 +14,7 @@ import json
 import sys
 from typing import TYPE_CHECKING
 
+from kiln.config import ConfigError
 from kiln.demo_train import CPU_ENV, metrics_or_error
 
 if TYPE_CHECKING:
@@ -59,7 +60,7 @@ def general_data(demo: Demo) -> StageResult:
     counts = build_general_data(demo.out / "data" / "output", out)
     total = counts.get("continue", 0) + counts.get("source", 0)
     if total == 0:
-        raise _error(f"no instruction could be made from the {counts.get('documents', 0)} curated documents")
+        raise ConfigError(f"no instruction could be made from the {counts.get('documents', 0)} curated documents")
     figure = (
         f"{total:,} instructions ({counts.get('continue', 0):,} continue, {counts.get('source', 0):,} website) "
         f"from {counts['documents']:,} docs"
@@ -97,15 +98,11 @@ def sft_data(demo: Demo) -> StageResult:
 
 
 def sft(demo: Demo) -> StageResult:
-    from kiln.pretrain.checkpoint import find_latest_checkpoint
-
     run_dir = demo.out / "sft"
     done = demo.finished("sft", run_dir)
     if done is not None:
         return done
-    start = find_latest_checkpoint(demo.out / "pretrain" / "checkpoints")
-    if start is None:
-        raise _error(f"no complete checkpoint under {demo.out / 'pretrain' / 'checkpoints'}: re-run the demo")
+    start = demo.last_checkpoint("pretrain")
     s = demo.scale
     overrides = [
         *sft_data_overrides(demo),
@@ -130,9 +127,3 @@ def sft(demo: Demo) -> StageResult:
     held = ", ".join(f"{key.split('_')[1]} {value:.2f}" for key, value in last.items())
     figure = f"loss {train[0]['loss']:.2f} -> {train[-1]['loss']:.2f}" + (f"; held-out {held}" if held else "")
     return demo.finish("sft", run_dir, figure)
-
-
-def _error(message: str) -> Exception:
-    from kiln.config import ConfigError
-
-    return ConfigError(message)
